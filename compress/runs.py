@@ -1,0 +1,171 @@
+"""Run directories (design.md): model.json + weights-only model.pt + report.json, written atomically.
+
+`load` rebuilds the deployable module from the JSON spec alone: the dense architecture comes from
+the model registry, slimmed layer shapes from spec["layers"], the prompt from spec["prompt"].
+No pickled code is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress import __version__
+from compress.deploy import DeployableModule
+from compress.errors import CompressError
+
+SPEC_FORMAT = 1
+
+
+def build_spec(model: str, num_classes: int, input_size: tuple[int, int, int], mean, std, *,
+               adapt: str | None, data: str, classes: list[str] | None = None) -> dict[str, Any]:
+    """The model.json of a dense model; pruning adds "layers"/"widths", prompting adds "prompt"."""
+    return {
+        "format": SPEC_FORMAT,
+        "model": model,
+        "num_classes": int(num_classes),
+        "input_size": [int(v) for v in input_size],
+        "in_chans": int(input_size[0]),
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "adapt": adapt,
+        "data": data,
+        "classes": classes,
+        "layers": {},
+        "widths": {},
+        "prompt": None,
+    }
+
+
+def build_module(spec: dict[str, Any]) -> DeployableModule:
+    """An untrained deployable module with exactly the architecture `spec` describes."""
+    from compress.models import create_model
+
+    try:
+        net = create_model(spec["model"], num_classes=spec["num_classes"],
+                           image_size=spec["input_size"][1], adapt=spec.get("adapt"))
+        if spec.get("layers"):
+            from compress.pruning.structure import apply_layer_spec
+
+            apply_layer_spec(net, spec["layers"])
+        prompt = None
+        if spec.get("prompt"):
+            from compress.prompt import build_prompt
+
+            prompt = build_prompt(spec["prompt"])
+    except KeyError as exc:
+        raise CompressError(f"model.json is missing the key {exc}") from None
+    norm = spec["normalization"]
+    return DeployableModule(net, norm["mean"], norm["std"], prompt=prompt, input_size=spec["input_size"])
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "model.json").is_file() and (p / "model.pt").is_file()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CompressError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{path} is not valid JSON ({exc})") from None
+
+
+def read_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise CompressError(f"run directory {p} does not exist")
+    if not is_run(p):
+        raise CompressError(f"{p} is not a run directory (needs model.json and model.pt, "
+                            "written by `compress train` or `compress prune`)")
+    spec = read_json(p / "model.json")
+    if spec.get("format") != SPEC_FORMAT:
+        raise CompressError(f"{p / 'model.json'} has format {spec.get('format')!r}; this version reads {SPEC_FORMAT}")
+    return spec
+
+
+def read_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "report.json")
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt archives
+        raise CompressError(f"{path} is not a readable weights file ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+
+
+def load(run_dir: str | os.PathLike) -> DeployableModule:
+    """Rebuild the deployable module of a run directory, in eval mode, in any fresh process."""
+    spec = read_spec(run_dir)
+    module = build_module(spec)
+    state = load_state(Path(run_dir) / "model.pt")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CompressError(f"model.pt does not match model.json in {run_dir}: {first}") from None
+    module.spec = spec
+    return module.eval()
+
+
+def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[str, Any],
+              report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a run directory under a temporary name, then rename it into place.
+
+    `extras` are further weights-only files (e.g. a PASS hypernetwork as "hypernet.pt").
+
+    An existing *run* directory at `out_dir` is replaced; any other existing path is refused, so
+    a typo can never delete user data.
+    """
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and (is_run(out) or not any(out.iterdir()))):
+        raise CompressError(f"--out {out} exists and is not a run directory; choose another path")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise CompressError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    try:
+        report = {"version": __version__, **report}
+        (tmp / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+        torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / "model.pt")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for name, payload in (extras or {}).items():
+            torch.save(payload, tmp / name)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, trash / "run")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class Stopwatch:
+    """Wall time of named stages, recorded into report.json."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str, since: float) -> float:
+        self.stages[name] = round(time.perf_counter() - since, 3)
+        return self.stages[name]
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
