@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ def count_flops(module: nn.Module, input_size: tuple[int, ...]) -> int:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore traces with the deprecated torch.jit API
             analysis = FlopCountAnalysis(module, torch.zeros((1, *input_size)))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             return int(analysis.total())

@@ -1,0 +1,83 @@
+"""`compress train` / `compress eval` as library calls: build, train, measure, and write a run directory."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.data import load_data
+from compress.deploy import DeployableModule
+from compress.errors import CompressError
+from compress.flops import count_flops, count_params
+from compress.models import create_model, default_adapt
+from compress.runs import Stopwatch, build_spec, load, load_state, write_run
+from compress.train import evaluate, fit
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch_size: int = 128, lr: float = 0.1,
+              weight_decay: float = 5e-4, image_size: int | None = None, seed: int = 0, subset: int | None = None,
+              weights: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+    """Train a dense model and write its run directory; returns report.json's content."""
+    if epochs < 1:
+        raise CompressError(f"--epochs must be at least 1, got {epochs}")
+    if batch_size < 1 or lr <= 0:
+        raise CompressError("--batch-size must be ≥ 1 and --lr > 0")
+    watch = Stopwatch()
+    seed_everything(seed)
+    bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
+    size = bundle.input_size[1]
+    adapt = default_adapt(model, size)
+    net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
+    if checkpoint:
+        _load_checkpoint(net, checkpoint)
+    module = DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size)
+    history = fit(module, bundle, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
+                      data=bundle.spec, classes=bundle.classes)
+    report = {"command": "train", "model": model, "data": bundle.spec, "seed": seed,
+              "input_size": list(bundle.input_size), "accuracy": evaluate(module, bundle.val),
+              "flops": count_flops(module, bundle.input_size), "params": count_params(module),
+              "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "train_size": len(bundle.train), "val_size": len(bundle.val), "history": history}
+    report["wall_time_s"] = watch.total()
+    write_run(out, module, spec, report)
+    return report
+
+
+def _load_checkpoint(net: torch.nn.Module, path: str) -> None:
+    """Accept a plain state_dict or one saved from a DeployableModule ("net." prefix)."""
+    if not Path(path).is_file():
+        raise CompressError(f"--checkpoint {path} does not exist")
+    state = load_state(Path(path))
+    if isinstance(state, dict) and any(k.startswith("net.") for k in state):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CompressError(f"--checkpoint {path} does not match the model: {first}") from None
+
+
+def eval_run(run_dir: str | Path, data: str, split: str = "val") -> dict[str, Any]:
+    """Accuracy, FLOPs and params of a run's deployable module on `split` of `data`."""
+    module = load(run_dir)
+    c, h, w = module.input_size
+    bundle = load_data(data, image_size=h)
+    if bundle.num_classes != module.spec["num_classes"]:
+        raise CompressError(f"{data} has {bundle.num_classes} classes but the model in {run_dir} has "
+                            f"{module.spec['num_classes']}")
+    imageset = {"val": bundle.val, "test": bundle.test}.get(split)
+    if imageset is None:
+        raise CompressError(f"{data} has no {split} split")
+    return {"run": str(run_dir), "data": bundle.spec, "split": split, "accuracy": evaluate(module, imageset),
+            "flops": count_flops(module, (c, h, w)), "params": count_params(module), "n": len(imageset)}
