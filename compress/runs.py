@@ -118,6 +118,20 @@ def load(run_dir: str | os.PathLike) -> DeployableModule:
     return module.eval()
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Fail fast (before any training) if a run directory cannot be written at `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and (is_run(out) or not any(out.iterdir()))):
+        raise CompressError(f"--out {out} exists and is not a run directory; choose another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise CompressError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return out
+
+
 def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[str, Any],
               report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a run directory under a temporary name, then rename it into place.
@@ -127,15 +141,8 @@ def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[s
     An existing *run* directory at `out_dir` is replaced; any other existing path is refused, so
     a typo can never delete user data.
     """
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and (is_run(out) or not any(out.iterdir()))):
-        raise CompressError(f"--out {out} exists and is not a run directory; choose another path")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise CompressError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    out = check_out_dir(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         report = {"version": __version__, **report}
         (tmp / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
@@ -144,7 +151,7 @@ def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[s
         for name, payload in (extras or {}).items():
             torch.save(payload, tmp / name)
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "run")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

@@ -67,7 +67,7 @@ def fit(module: nn.Module, data: DataBundle, *, epochs: int, lr: float, batch_si
                 sched.step()
                 seen += len(y)
                 correct += int((logits.argmax(1) == y).sum())
-                loss_sum += float(loss) * len(y)
+                loss_sum += loss.item() * len(y)
                 bar.advance(f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}")
             record = {"epoch": epoch + 1, "loss": round(loss_sum / max(1, seen), 5),
                       "train_acc": round(correct / max(1, seen), 5)}

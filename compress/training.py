@@ -14,7 +14,7 @@ from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.flops import count_flops, count_params
 from compress.models import create_model, default_adapt
-from compress.runs import Stopwatch, build_spec, load, load_state, write_run
+from compress.runs import Stopwatch, build_spec, check_out_dir, load, load_state, write_run
 from compress.train import evaluate, fit
 
 
@@ -32,6 +32,7 @@ def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch
         raise CompressError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1 or lr <= 0:
         raise CompressError("--batch-size must be ≥ 1 and --lr > 0")
+    check_out_dir(out)
     watch = Stopwatch()
     seed_everything(seed)
     bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
