@@ -84,5 +84,38 @@ def models() -> None:
     click.echo("\n".join(list_models()))
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("targets", nargs=-1, required=True, type=click.Path())
+@click.option("--backend", help="Comma list: torch, torch-cuda, torch-compile, torch-compile-cuda, onnxruntime (ort), "
+              "ort-cuda, ort-trt, tensorrt. Default: every backend present that runs the targets "
+              "(torch.compile only when named).")
+@click.option("--batch-size", help="Comma list of batch sizes, e.g. 1,32  [default: 1, or the --baseline file's]")
+@click.option("--threads", type=int, help="CPU threads for torch and ONNX Runtime  [default: physical cores]")
+@click.option("--json", "json_path", type=click.Path(), help="Write samples and statistics here (design.md).")
+@click.option("--plot", type=click.Path(), help="Write a PNG of latency vs FLOPs.")
+@click.option("--baseline", type=click.Path(), help="A saved --json file to gate TARGET against.")
+@click.option("--max-regression", type=float, help="Gate: exit 1 if a target is more than this fraction slower "
+              "than its baseline (e.g. 0.10) and the slowdown is significant.")
+@click.option("--min-speedup", type=float, help="Gate: exit 1 if a target is significantly less than this many "
+              "times faster than the first target (e.g. 1.2).")
+@click.option("--alpha", default=0.01, show_default=True, type=float, help="Significance level of the gate's "
+              "Mann-Whitney U test.")
+@click.option("--warmup", default=0.2, show_default=True, type=float, help="Warm-up seconds per target (>= 5 runs).")
+@click.option("--duration", default=2.0, show_default=True, type=float,
+              help="Minimum measured seconds per target, backend and batch size.")
+@click.option("--min-iters", default=10, show_default=True, type=int, help="Minimum measured runs per target.")
+@handle_errors
+def bench(targets: tuple[str, ...], **kwargs) -> None:
+    """Measure latency of run directories, .onnx files or TensorRT engines side by side (interleaved).
+
+    The first TARGET is the baseline: every other target gets a speedup with a bootstrap 95% interval
+    and a speedup fidelity (speedup ÷ FLOPs reduction). With --max-regression/--min-speedup it is a
+    latency gate (exit 1 on a significant regression beyond the limit).
+    """
+    from bench.command import bench_command
+
+    bench_command(targets, **kwargs)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,77 @@
+"""The machine a benchmark ran on, recorded so figures from different hosts are never compared blindly."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def _cpuinfo() -> list[dict[str, str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    blocks = []
+    for block in text.strip().split("\n\n"):
+        entry = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            entry[key.strip()] = value.strip()
+        blocks.append(entry)
+    return blocks
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once): the default thread count."""
+    cpus = _affinity()
+    cores = {(b.get("physical id"), b.get("core id")) for b in _cpuinfo()
+             if b.get("processor", "").isdigit() and int(b["processor"]) in cpus and "core id" in b}
+    return len(cores) if cores else len(cpus)
+
+
+def cpu_name() -> str:
+    for block in _cpuinfo():
+        if "model name" in block:
+            return block["model name"]
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def host_info() -> dict:
+    """CPU, core counts, GPU and library versions of this machine, and when the run happened."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    ort_version = _version("onnxruntime") or _version("onnxruntime-gpu")
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "physical_cores": physical_cores(),
+        "logical_cores": os.cpu_count(),
+        "usable_cpus": len(_affinity()),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "tensorrt": _version("tensorrt"),
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

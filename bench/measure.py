@@ -1,0 +1,124 @@
+"""Interleaved latency measurement (trtexec-style warm-up and duration, asv-style interleaving).
+
+For one backend and batch size, every target is warmed up, then measured in rounds: each round
+gives each target a short block of runs, alternating the order (A B, B A, A B, …). A machine that
+drifts or a neighbour that starts a job slows every target alike, so their ratio stays honest.
+Measurement stops once every target has both the minimum duration and the minimum iteration count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bench.runners import Runner
+from bench.stats import Summary, summarize
+from bench.targets import Target
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how often to measure; recorded in the JSON so a result can be reproduced."""
+
+    threads: int
+    warmup_s: float = 0.2
+    warmup_iters: int = 5
+    min_time_s: float = 2.0
+    min_iters: int = 10
+    max_iters: int = 20_000
+    block_s: float = 0.05
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.min_iters < 1 or self.max_iters < self.min_iters:
+            raise ValueError("need 1 <= min_iters <= max_iters")
+
+
+@dataclass
+class Result:
+    """One target × backend × batch size."""
+
+    target: str
+    backend: str
+    batch_size: int
+    samples_ms: np.ndarray
+    summary: Summary
+    flops: int | None
+    params: int | None
+    device: str
+    timing: str
+    cold_start_ms: float  # first run at this batch size (compilation, autotuning, engine build)
+    load_ms: float  # building the session / module / engine for this target
+
+
+@dataclass
+class Contender:
+    """A loaded runner and what is known of it while it is being measured."""
+
+    target: Target
+    runner: Runner
+    load_ms: float
+    batch: object = None
+    cold_start_ms: float = 0.0
+    block: int = 1
+    samples: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+    @property
+    def total_ms(self) -> float:
+        return float(sum(s.sum() for s in self.samples))
+
+
+def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
+    """Cold start (first run), then warm-up by time and count; sizes the block from the warm runs."""
+    c.batch = c.runner.prepare(batch_size)
+    start = time.perf_counter()
+    c.runner.run(c.batch)
+    c.cold_start_ms = (time.perf_counter() - start) * 1000
+    warm: list[float] = []
+    deadline = time.perf_counter() + settings.warmup_s
+    while len(warm) < settings.warmup_iters or time.perf_counter() < deadline:
+        warm.extend(c.runner.time(c.batch, 1))
+    per_run_s = float(np.median(warm[-settings.warmup_iters:])) / 1000
+    c.block = max(1, min(settings.max_iters, round(settings.block_s / max(per_run_s, 1e-7))))
+
+
+def _done(c: Contender, settings: Settings) -> bool:
+    return c.count >= settings.max_iters or (
+        c.count >= settings.min_iters and c.total_ms >= settings.min_time_s * 1000)
+
+
+def measure_interleaved(contenders: list[Contender], batch_size: int, settings: Settings,
+                        progress: Callable[[float], None] | None = None) -> None:
+    """Fill each contender's samples, in alternating-order rounds, until all have enough."""
+    for c in contenders:
+        c.samples = []
+        warm_up(c, batch_size, settings)
+    order = list(contenders)
+    while not all(_done(c, settings) for c in contenders):
+        for c in order:
+            if c.count < settings.max_iters:
+                c.samples.append(c.runner.time(c.batch, min(c.block, settings.max_iters - c.count)))
+        order.reverse()
+        if progress:
+            progress(min(_fraction(c, settings) for c in contenders))
+
+
+def _fraction(c: Contender, settings: Settings) -> float:
+    if _done(c, settings):
+        return 1.0
+    return min(1.0, c.count / settings.min_iters, c.total_ms / (settings.min_time_s * 1000))
+
+
+def to_result(c: Contender, backend: str, batch_size: int) -> Result:
+    samples = np.concatenate(c.samples)
+    return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
+                  summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
+                  device=c.runner.device, timing=c.runner.timing, cold_start_ms=c.cold_start_ms, load_ms=c.load_ms)
