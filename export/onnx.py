@@ -1,0 +1,364 @@
+"""ONNX export of a deployable module, checked by running the written file in ONNX Runtime.
+
+The file only reaches `out` after `onnx.checker` and the parity check pass: it is written to a
+temporary name beside `out` first, and kept as `<out>.failed` when parity fails, so a script that
+finds a file at `out` can trust it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from compress.errors import CheckFailed, CompressError
+from export.files import failed_path, keep_failed, print_note, temp_beside
+from export.parity import FP32_TOLERANCE, Parity, check_parity, parity_batches, torch_reference
+from export.result import ExportResult
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+MIN_OPSET = 14
+MAX_DYNAMIC_BATCH = 4096
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a single-file ONNX model must stay under 2 GiB
+
+
+def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+            batch_size: int | None = 1, dynamic_batch: bool = False, check: bool = True, data=None,
+            metadata: dict[str, Any] | None = None, simplify: bool = True, exporter: str = "auto",
+            tolerance: float = FP32_TOLERANCE, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export `module` (a DeployableModule: float images in [0, 1], NCHW) to an ONNX file at `out`.
+
+    `dynamic_batch` makes the batch dimension symbolic; otherwise it is fixed to `batch_size`.
+    `exporter` is "auto" (dynamo, falling back to TorchScript with the reason logged), "dynamo"
+    or "torchscript". `data` (a compress.data.DataBundle) adds real validation images to the
+    parity check. Raises CheckFailed when parity fails (file kept as `<out>.failed`).
+    """
+    log = log or print_note
+    out = Path(out)
+    input_size = _input_size(module)
+    batch_size = _check_args(opset, batch_size, dynamic_batch, exporter, input_size)
+    _refuse_huge(module)
+    props = {**spec_metadata(module), **{k: _prop(v) for k, v in (metadata or {}).items()}}
+    tmp = temp_beside(out)
+    started = time.perf_counter()
+    was_training = module.training
+    module.eval()
+    try:
+        used, notes = export_graph(module, tmp, input_size, opset=opset, batch_size=batch_size,
+                                   dynamic_batch=dynamic_batch, exporter=exporter, log=log)
+        model = _load_checked(tmp)
+        set_metadata(model, props)
+        parity, simplified = None, False
+        if not check:
+            notes.append("parity not checked (--no-check)")
+            if simplify:
+                notes.append("not simplified: onnxslim output is kept only when parity is checked")
+            save_model(model, tmp)
+        else:
+            batches, described = parity_batches(input_size, None if dynamic_batch else batch_size, data)
+            reference = torch_reference(module)
+            if simplify:
+                parity, simplified = _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log)
+            if not simplified:
+                save_model(model, tmp)
+                parity = _parity_of_file(tmp, reference, batches, described, tolerance)
+            if not parity.passed:
+                failed = keep_failed(tmp, out)
+                raise CheckFailed(f"parity check failed for {out.name}: {parity.summary()}; "
+                                  f"the file is kept at {failed} and nothing was written to {out}")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        module.train(was_training)
+    failed_path(out).unlink(missing_ok=True)
+    return _result(out, used, opset, parity, time.perf_counter() - started, simplified, notes, props)
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int, int], *, opset: int,
+                 batch_size: int, dynamic_batch: bool, exporter: str = "auto",
+                 log: Callable[[str], None] = print) -> tuple[str, list[str]]:
+    """Write the raw ONNX graph to `path`; returns the exporter used and notes about the export."""
+    notes: list[str] = []
+    device = _device(module)
+    if exporter in ("auto", "dynamo"):
+        try:
+            _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device)
+            return "dynamo", notes
+        except Exception as exc:
+            reason = _one_line(exc)
+            if exporter == "dynamo":
+                raise CompressError(f"the dynamo ONNX exporter failed: {reason}") from None
+            log(f"dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
+            notes.append(f"dynamo exporter failed ({reason}); used the TorchScript exporter")
+    try:
+        _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device)
+    except Exception as exc:
+        raise CompressError(f"ONNX export failed: {'; '.join(notes + [f'torchscript: {_one_line(exc)}'])}") from None
+    return "torchscript", notes
+
+
+def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:
+    # Tracing at batch 2 keeps torch.export from specialising a symbolic batch of 1 to a constant.
+    example = _example(input_size, 2 if dynamic_batch else batch_size, device)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
+                          external_data=False, verbose=False)
+
+
+def _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:
+    example = _example(input_size, batch_size, device)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+def _example(input_size, batch_size: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((batch_size, *input_size), generator=g).to(device)
+
+
+def _load_checked(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise CheckFailed(f"onnx.checker rejected the exported graph: {_one_line(exc)}") from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Serialise `model` to `path` as one self-contained file."""
+    onnx.save_model(model, str(path))
+
+
+# ------------------------------------------------------------------ simplification and parity
+
+
+def _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log) -> tuple[Parity | None, bool]:
+    """Save the onnxslim-simplified model at `tmp` if it checks and keeps parity; else report why not."""
+    import onnxslim
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slim = onnxslim.slim(model)
+        onnx.checker.check_model(slim)
+    except Exception as exc:
+        reason = f"onnxslim failed ({_one_line(exc)}); kept the unsimplified graph"
+        log(reason)
+        notes.append(reason)
+        return None, False
+    set_metadata(slim, {p.key: p.value for p in model.metadata_props})
+    save_model(slim, tmp)
+    parity = _parity_of_file(tmp, reference, batches, described, tolerance)
+    if parity.passed:
+        return parity, True
+    reason = f"onnxslim output broke parity ({parity.summary()}); kept the unsimplified graph"
+    log(reason)
+    notes.append(reason)
+    return None, False
+
+
+def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float) -> Parity:
+    runner = OnnxRunner(path)
+    return check_parity(reference, runner, batches, tolerance=tolerance, inputs=f"{described}, onnxruntime vs pytorch")
+
+
+# ------------------------------------------------------------------ running and inspecting files
+
+
+class OnnxRunner:
+    """An ONNX Runtime session on an exported file that refuses inputs of the wrong shape up front.
+
+    `threads=0` lets ONNX Runtime use one thread per physical core; providers are explicit
+    (deploy.md), CPU unless given.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int = 0,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+        except Exception as exc:
+            raise CompressError(f"onnxruntime cannot load {self.path}: {_one_line(exc)}") from None
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_shape = tuple(d if isinstance(d, int) else str(d) for d in first.shape)
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def batch_size(self) -> int | None:
+        """The fixed batch size, or None when the batch dimension is symbolic."""
+        return self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        require_batch_size(self.input_shape, x.shape[0], self.path)
+        fixed = [(i, d) for i, d in enumerate(self.input_shape) if isinstance(d, int) and i > 0]
+        if x.ndim != len(self.input_shape) or any(x.shape[i] != d for i, d in fixed):
+            raise CompressError(f"{self.path.name} takes input {list(self.input_shape)}, got {list(x.shape)}")
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def onnx_input_shape(path: str | os.PathLike) -> tuple[int | str, ...]:
+    """Shape of the first graph input, symbolic dims as their names (e.g. ("batch", 3, 32, 32))."""
+    return tuple(_shape(_load_graph_only(path).graph.input[0]))
+
+
+def require_batch_size(shape_or_path: Sequence[int | str] | str | os.PathLike, batch_size: int,
+                       name: str | os.PathLike = "the model") -> None:
+    """Raise a one-line CompressError if a fixed-batch model cannot run at `batch_size`."""
+    if isinstance(shape_or_path, (str, os.PathLike)):
+        name = shape_or_path
+        shape = onnx_input_shape(shape_or_path)
+    else:
+        shape = tuple(shape_or_path)
+    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    if fixed is not None and fixed != batch_size:
+        label = Path(name).name if isinstance(name, (str, os.PathLike)) else str(name)
+        raise CompressError(f"{label} was exported with a fixed batch size of {fixed} and cannot run at batch "
+                            f"{batch_size}; re-export with --dynamic-batch or --batch-size {batch_size}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file (values are strings; lists are JSON)."""
+    return {p.key: p.value for p in _load_graph_only(path).metadata_props}
+
+
+def _load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise CompressError(f"{path} not found") from None
+    except Exception as exc:
+        raise CompressError(f"{path} is not an ONNX file ({_one_line(exc)})") from None
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def spec_metadata(module: torch.nn.Module) -> dict[str, str]:
+    """Metadata known from the module itself (and its model.json spec when loaded from a run)."""
+    from compress import __version__
+
+    spec = getattr(module, "spec", None) or {}
+    props: dict[str, Any] = {"compress_version": __version__, "input_size": list(_input_size(module)),
+                             "input_range": "float32 in [0, 1], NCHW; normalisation is inside the graph"}
+    if spec:
+        props.update(model=spec.get("model"), num_classes=spec.get("num_classes"),
+                     mean=spec["normalization"]["mean"], std=spec["normalization"]["std"],
+                     prompt=spec.get("prompt") is not None, data=spec.get("data"))
+        if spec.get("classes"):
+            props["classes"] = spec["classes"]
+    else:
+        norm = getattr(module, "normalize", None)
+        if norm is not None:
+            props.update(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist())
+    return {k: _prop(v) for k, v in props.items() if v is not None}
+
+
+def run_metadata(report: dict[str, Any]) -> dict[str, str]:
+    """Metadata from a run's report.json: method, flops ratio and the measured figures."""
+    method = report.get("method") or ("dense" if report.get("command") == "train" else None)
+    props = {"method": method, "flops_ratio": report.get("flops_ratio", 1.0 if method == "dense" else None),
+             "flops": report.get("flops"), "params": report.get("params"), "accuracy": report.get("accuracy"),
+             "run_command": report.get("command")}
+    return {k: _prop(v) for k, v in props.items() if v is not None}
+
+
+def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    onnx.helper.set_model_props(model, {k: str(v) for k, v in props.items()})
+
+
+def _prop(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _check_args(opset: int, batch_size: int | None, dynamic_batch: bool, exporter: str,
+                input_size: tuple[int, int, int]) -> int:
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise CompressError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise CompressError(f"--opset {opset} is out of range ({MIN_OPSET}..{newest}; default {DEFAULT_OPSET})")
+    if dynamic_batch:
+        return batch_size or 1
+    if batch_size is None or batch_size < 1:
+        raise CompressError(f"--batch-size must be a positive integer, got {batch_size}")
+    return batch_size
+
+
+def _input_size(module: torch.nn.Module) -> tuple[int, int, int]:
+    size = getattr(module, "input_size", None)
+    if not size or len(size) != 3:
+        raise CompressError("to_onnx needs a DeployableModule (with input_size = (C, H, W)); "
+                            "use compress.load(run_dir)")
+    return tuple(int(v) for v in size)
+
+
+def _refuse_huge(module: torch.nn.Module) -> None:
+    n_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    if n_bytes > PROTOBUF_LIMIT:
+        raise CompressError(f"the model holds {n_bytes / 1024**3:.1f} GiB of weights; single-file ONNX is "
+                            "limited to 2 GiB")
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _result(out: Path, exporter: str, opset: int, parity: Parity | None, seconds: float, simplified: bool,
+            notes: list[str], props: dict[str, str]) -> ExportResult:
+    model = _load_graph_only(out)
+    return ExportResult(path=out, format="onnx", opset=_opset_of(model, opset), exporter=exporter,
+                        input_names=[i.name for i in model.graph.input],
+                        input_shapes=[_shape(i) for i in model.graph.input],
+                        output_names=[o.name for o in model.graph.output],
+                        output_shapes=[_shape(o) for o in model.graph.output],
+                        size_bytes=out.stat().st_size, parity=parity, build_time_s=round(seconds, 3),
+                        precision="fp32", simplified=simplified, notes=notes, metadata=props)
+
+
+def _opset_of(model: onnx.ModelProto, default: int) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
+
+
+def _shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    """Dims as ints, symbolic ones by name, unknown ones as "?"."""
+    return [d.dim_param or (int(d.dim_value) if d.HasField("dim_value") else "?")
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -1,0 +1,129 @@
+"""Numerical parity: does an exported file compute what the PyTorch module computes?
+
+Errors are measured relative to the output scale (the largest |logit| of the reference), so one
+tolerance serves models whose logits are 0.1 or 100. Top-1 agreement is reported alongside because
+it is what a user of a classifier notices first, and because fp16 can stay within a loose
+tolerance while flipping near-tied predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+# Tolerances on max |ref - got| / max |ref|, per backend precision.
+FP32_TOLERANCE = 1e-4  # ONNX Runtime fp32 vs PyTorch fp32 (deploy.md)
+TENSORRT_FP32_TOLERANCE = 1e-3  # TensorRT fp32 picks other kernels (Winograd, fused epilogues)
+FP16_TOLERANCE = 2e-2  # fp16 carries ~3 decimal digits; errors grow with depth
+
+SCALE_FLOOR = 1e-6  # all-zero reference outputs (e.g. an untrained zero-initialised head): compare absolutely
+SEEDED_SAMPLES = 16
+DATA_SAMPLES = 256
+
+
+@dataclass
+class Parity:
+    """The outcome of one comparison; `passed` is `max_rel <= tolerance`."""
+
+    max_abs: float
+    max_rel: float
+    top1_agreement: float
+    n_samples: int
+    tolerance: float
+    passed: bool
+    inputs: str = ""  # what was compared, e.g. "16 seeded + 256 val images of digits"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} (tolerance {self.tolerance:g}), "
+                f"top-1 agreement {self.top1_agreement:.2%} on {self.n_samples} samples")
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float, inputs: str = "") -> Parity:
+    """Compare two [N, classes] output arrays."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if reference.shape != candidate.shape:
+        return Parity(float("inf"), float("inf"), 0.0, int(reference.shape[0]) if reference.ndim else 0,
+                      tolerance, False, f"{inputs} (output shape {candidate.shape} != {reference.shape})")
+    diff = np.abs(reference - candidate)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if not np.isfinite(candidate).all():
+        max_abs = float("inf")
+    scale = max(float(np.abs(reference).max()) if reference.size else 0.0, SCALE_FLOOR)
+    max_rel = max_abs / scale
+    n = int(reference.shape[0])
+    agree = float((reference.reshape(n, -1).argmax(1) == candidate.reshape(n, -1).argmax(1)).mean()) if n else 1.0
+    return Parity(max_abs, max_rel, agree, n, tolerance, bool(max_rel <= tolerance), inputs)
+
+
+def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+                 batches: Iterable[tuple[np.ndarray, int]], *, tolerance: float = FP32_TOLERANCE,
+                 inputs: str = "") -> Parity:
+    """Run both callables on every batch and compare the first `n_real` rows of each.
+
+    `batches` yields (x, n_real): a batch padded to a fixed batch size keeps its padding out of the
+    figures.
+    """
+    refs, gots = [], []
+    for x, n_real in batches:
+        refs.append(np.asarray(reference(x))[:n_real])
+        gots.append(np.asarray(candidate(x))[:n_real])
+    return compare(np.concatenate(refs), np.concatenate(gots), tolerance, inputs)
+
+
+def torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """The PyTorch module as a numpy → numpy function (CPU, fp32, no grad)."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    return run
+
+
+def parity_batches(input_size: tuple[int, int, int], batch_size: int | None, data=None,
+                   n_seeded: int = SEEDED_SAMPLES, n_data: int = DATA_SAMPLES,
+                   seed: int = 0) -> tuple[list[tuple[np.ndarray, int]], str]:
+    """Seeded uniform [0, 1] images, plus real validation images when a DataBundle is given.
+
+    With a fixed `batch_size` every batch has exactly that many rows (the last one padded);
+    with None (dynamic batch) batches of 16 are used, the last one shorter.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seeded = torch.rand((n_seeded, *input_size), generator=g).numpy()
+    chunks = [seeded]
+    described = f"{n_seeded} seeded"
+    if data is not None:
+        images = _val_images(data, input_size, n_data)
+        chunks.append(images)
+        described += f" + {len(images)} val images of {data.spec}"
+    batches = [b for chunk in chunks for b in _fixed_batches(chunk, batch_size or 16, pad=batch_size is not None)]
+    return batches, described
+
+
+def _val_images(data, input_size: tuple[int, int, int], n: int) -> np.ndarray:
+    from compress.errors import CompressError
+
+    split = data.val if len(data.val) else data.train
+    idx = torch.arange(min(n, len(split)))
+    x, _ = split.batch(idx)
+    if tuple(x.shape[1:]) != tuple(input_size):
+        raise CompressError(f"--data {data.spec} gives images of {list(x.shape[1:])}, but the model takes "
+                            f"{list(input_size)}; pass data at the model's input size")
+    return x.numpy().astype(np.float32)
+
+
+def _fixed_batches(x: np.ndarray, batch_size: int, pad: bool) -> Iterator[tuple[np.ndarray, int]]:
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        n_real = len(chunk)
+        if pad and n_real < batch_size:
+            filler = np.zeros((batch_size - n_real, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, filler])
+        yield np.ascontiguousarray(chunk, dtype=np.float32), n_real

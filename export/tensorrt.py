@@ -1,0 +1,303 @@
+"""TensorRT engines from ONNX files (TensorRT 10 and 11), and a small runner that bench reuses.
+
+Build path (deploy.md): Logger → Builder → create_network → OnnxParser (errors reported) →
+builder config (WORKSPACE pool) → optimisation profile when the batch is dynamic → timing cache
+→ build_serialized_network. fp16 is feature-detected: TensorRT 10 has BuilderFlag.FP16; TensorRT
+11 builds only strongly typed networks, so the ONNX graph is converted to fp16 first (I/O kept
+fp32, export/fp16.py). `tensorrt` is imported lazily: the package is an optional extra.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.errors import CheckFailed, CompressError
+from export.files import failed_path, keep_failed, print_note, temp_beside, write_atomic
+from export.onnx import DEFAULT_OPSET, OnnxRunner, onnx_input_shape, to_onnx
+from export.parity import (
+    FP16_TOLERANCE,
+    TENSORRT_FP32_TOLERANCE,
+    Parity,
+    check_parity,
+    parity_batches,
+    torch_reference,
+)
+from export.result import ExportResult
+
+INSTALL_HINT = 'pip uninstall -y onnxruntime && pip install -e ".[gpu]"'
+DEFAULT_WORKSPACE_GB = 4.0
+DEFAULT_MAX_BATCH = 32
+
+
+def require_tensorrt() -> Any:
+    """Import tensorrt, or raise one CompressError line saying what is missing (exit 2)."""
+    missing = []
+    try:
+        import tensorrt as trt
+    except ImportError:
+        trt = None
+        missing.append("the `tensorrt` package is not installed")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    if missing:
+        raise CompressError(f"TensorRT export needs a CUDA GPU and the `tensorrt` package: {'; '.join(missing)}. "
+                            f"Install the GPU extra with: {INSTALL_HINT}")
+    return trt
+
+
+def to_tensorrt(onnx_or_module: str | os.PathLike | torch.nn.Module, out: str | os.PathLike, *, fp16: bool = False,
+                workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: str | os.PathLike | None = None,
+                min_batch: int = 1, opt_batch: int | None = None, max_batch: int | None = None,
+                check: bool = True, data=None, opset: int = DEFAULT_OPSET,
+                log: Callable[[str], None] | None = None) -> ExportResult:
+    """Build a TensorRT engine at `out` from an ONNX file or a DeployableModule.
+
+    From a module, the ONNX file is exported first (and parity-checked in ONNX Runtime), with a
+    symbolic batch when `max_batch > min_batch` and a fixed batch of `min_batch` otherwise. An
+    engine from a dynamic-batch ONNX file gets the profile min/opt/max (defaults 1 / max / 32).
+    Parity: the engine against PyTorch (module given) or ONNX Runtime (file given), with
+    per-precision tolerances; CheckFailed keeps the engine as `<out>.failed`.
+    """
+    trt = require_tensorrt()
+    log = log or print_note
+    out = Path(out)
+    _check_batches(min_batch, opt_batch, max_batch)
+    if workspace_gb <= 0:
+        raise CompressError(f"--workspace must be positive (GB), got {workspace_gb}")
+    started = time.perf_counter()
+    tmp = temp_beside(out)
+    with tempfile.TemporaryDirectory(prefix="compress-trt-") as work:
+        try:
+            onnx_path, reference, exporter, notes, input_size = _source(onnx_or_module, Path(work), min_batch,
+                                                                        max_batch, opset, check, data, log)
+            shape = onnx_input_shape(onnx_path)
+            profile = _profile(shape, min_batch, opt_batch, max_batch)
+            build_from = onnx_path
+            strongly_typed_fp16 = fp16 and not hasattr(trt.BuilderFlag, "FP16")
+            if strongly_typed_fp16:
+                build_from = _fp16_onnx(onnx_path, Path(work))
+                notes.append("TensorRT without BuilderFlag.FP16 (strongly typed): built from an fp16 ONNX graph, "
+                             "I/O kept fp32")
+            serialized = build_engine(trt, build_from, fp16=fp16 and not strongly_typed_fp16,
+                                      workspace_gb=workspace_gb, timing_cache=timing_cache, profile=profile)
+            tmp.write_bytes(serialized)
+            parity = None
+            if check:
+                parity = _engine_parity(tmp, reference, input_size, profile, shape, fp16, data)
+                if not parity.passed:
+                    failed = keep_failed(tmp, out)
+                    raise CheckFailed(f"parity check failed for {out.name}: {parity.summary()}; the engine is kept "
+                                      f"at {failed} and nothing was written to {out}")
+            else:
+                notes.append("parity not checked (--no-check)")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    failed_path(out).unlink(missing_ok=True)
+    engine = TensorRTEngine.load(out)
+    return ExportResult(path=out, format="tensorrt", opset=_opset(onnx_path), exporter=exporter,
+                        input_names=[engine.input_name], input_shapes=[list(engine.input_shape)],
+                        output_names=[engine.output_name], output_shapes=[list(engine.output_shape)],
+                        size_bytes=out.stat().st_size, parity=parity,
+                        build_time_s=round(time.perf_counter() - started, 3), precision="fp16" if fp16 else "fp32",
+                        notes=notes, backend_version=f"TensorRT {trt.__version__}",
+                        batch_profile=list(profile[1]) if profile else None)
+
+
+def build_engine(trt: Any, onnx_path: Path, *, fp16: bool, workspace_gb: float,
+                 timing_cache: str | os.PathLike | None,
+                 profile: tuple[str, tuple[int, int, int], tuple[tuple[int, ...], ...]] | None) -> bytes:
+    """Serialised engine bytes for `onnx_path` (explicit batch, named tensors)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no details"
+        raise CompressError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would break fp32 parity
+    if profile is not None:
+        name, _, shapes = profile
+        opt_profile = builder.create_optimization_profile()
+        opt_profile.set_shape(name, *shapes)
+        config.add_optimization_profile(opt_profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CompressError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
+    if cache_path is not None:
+        write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(serialized))
+
+
+class TensorRTEngine:
+    """A deserialised engine with one input and one output, run with torch CUDA tensors as buffers.
+
+    `infer` accepts numpy arrays or torch tensors (any device) and returns a torch CUDA tensor;
+    `__call__` is numpy → numpy (for parity checks). Bench times `infer` on CUDA inputs.
+    """
+
+    def __init__(self, serialized: bytes, name: str = "engine"):
+        self.trt = require_tensorrt()
+        trt = self.trt
+        self.name = name
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(serialized)
+        if self.engine is None:
+            raise CompressError(f"{name} is not a TensorRT engine this TensorRT ({trt.__version__}) can load")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CompressError(f"{name} has inputs {inputs} and outputs {outputs}; expected one of each")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TensorRTEngine:
+        p = Path(path)
+        if not p.is_file():
+            raise CompressError(f"engine file {p} not found")
+        return cls(p.read_bytes(), name=p.name)
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...]:
+        """Engine input shape; a dynamic batch shows as "batch"."""
+        return tuple("batch" if (i == 0 and d < 0) else int(d)
+                     for i, d in enumerate(self.engine.get_tensor_shape(self.input_name)))
+
+    @property
+    def output_shape(self) -> tuple[int | str, ...]:
+        return tuple("batch" if (i == 0 and d < 0) else int(d)
+                     for i, d in enumerate(self.engine.get_tensor_shape(self.output_name)))
+
+    @property
+    def batch_range(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch the engine accepts; equal for a fixed-batch engine."""
+        first = self.engine.get_tensor_shape(self.input_name)[0]
+        if first >= 0:
+            return (int(first),) * 3
+        lo, opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        return int(lo[0]), int(opt[0]), int(hi[0])
+
+    def check_batch_size(self, batch_size: int) -> None:
+        lo, _, hi = self.batch_range
+        if not lo <= batch_size <= hi:
+            what = f"a fixed batch size of {lo}" if lo == hi else f"a batch profile of {lo}..{hi}"
+            raise CompressError(f"{self.name} was built with {what} and cannot run at batch {batch_size}; "
+                                "rebuild with --min-batch/--max-batch covering it")
+
+    def infer(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Run one batch; returns the output as a CUDA tensor (synchronised)."""
+        x = torch.as_tensor(x).to(device="cuda", dtype=self.input_dtype).contiguous()
+        self.check_batch_size(int(x.shape[0]))
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+                          device="cuda")
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise CompressError(f"TensorRT failed to execute {self.name}")
+        stream.synchronize()
+        return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.infer(x).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _source(onnx_or_module, work: Path, min_batch: int, max_batch: int | None, opset: int, check: bool,
+            data, log):
+    """(onnx path, reference fn, exporter, notes, input size) for either kind of input."""
+    if isinstance(onnx_or_module, torch.nn.Module):
+        dynamic = max_batch is not None and max_batch > min_batch
+        onnx_path = work / "model.onnx"
+        result = to_onnx(onnx_or_module, onnx_path, opset=opset, batch_size=min_batch, dynamic_batch=dynamic,
+                         check=check, data=data, log=log)
+        checked = f"onnxruntime parity {result.parity.summary()}" if result.parity else "onnxruntime not checked"
+        notes = [f"built from an ONNX export ({result.exporter}; {checked})"]
+        module = onnx_or_module.eval()
+        return onnx_path, torch_reference(module), result.exporter, notes, tuple(module.input_size)
+    path = Path(onnx_or_module)
+    if not path.is_file():
+        raise CompressError(f"ONNX file {path} not found")
+    shape = onnx_input_shape(path)
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        raise CompressError(f"{path.name} has input shape {list(shape)}; expected [batch, C, H, W] with fixed C, H, W")
+    return path, OnnxRunner(path), None, [f"built from {path}; parity against onnxruntime"], tuple(shape[1:])
+
+
+def _profile(shape, min_batch: int, opt_batch: int | None, max_batch: int | None):
+    """("images", (min, opt, max) batch, (min, opt, max) shapes) for a dynamic batch; None when fixed."""
+    if isinstance(shape[0], int) and shape[0] > 0:
+        if (max_batch is not None and max_batch != shape[0]) or (min_batch != 1 and min_batch != shape[0]):
+            raise CompressError(f"the ONNX file has a fixed batch size of {shape[0]}; --min/--opt/--max-batch "
+                                "need a file exported with --dynamic-batch")
+        return None
+    hi = max_batch if max_batch is not None else max(DEFAULT_MAX_BATCH, min_batch)
+    opt = opt_batch if opt_batch is not None else hi
+    _check_batches(min_batch, opt, hi)
+    rest = tuple(int(d) for d in shape[1:])
+    return "images", (min_batch, opt, hi), tuple((b, *rest) for b in (min_batch, opt, hi))
+
+
+def _check_batches(lo: int, opt: int | None, hi: int | None) -> None:
+    values = [v for v in (lo, opt, hi) if v is not None]
+    if any(v < 1 for v in values) or values != sorted(values):
+        raise CompressError(f"batch sizes must satisfy 1 <= min <= opt <= max, got min {lo}, opt {opt}, max {hi}")
+
+
+def _engine_parity(path: Path, reference, input_size, profile, shape, fp16: bool, data) -> Parity:
+    engine = TensorRTEngine.load(path)
+    # Fixed batches (padded) that the engine accepts: its own batch, or 16 clipped into the profile.
+    batch = int(shape[0]) if profile is None else min(max(profile[1][0], 16), profile[1][2])
+    batches, described = parity_batches(tuple(input_size), batch, data)
+    tolerance = FP16_TOLERANCE if fp16 else TENSORRT_FP32_TOLERANCE
+    return check_parity(reference, engine, batches, tolerance=tolerance,
+                        inputs=f"{described}, tensorrt {'fp16' if fp16 else 'fp32'}")
+
+
+def _fp16_onnx(onnx_path: Path, work: Path) -> Path:
+    import onnx
+
+    from export.fp16 import convert_to_fp16
+
+    half = work / "model.fp16.onnx"
+    onnx.save_model(convert_to_fp16(onnx.load(str(onnx_path))), str(half))
+    return half
+
+
+def _opset(onnx_path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
+    if dtype not in mapping:
+        raise CompressError(f"unsupported engine I/O type {dtype}")
+    return mapping[dtype]
