@@ -117,5 +117,36 @@ def bench(targets: tuple[str, ...], **kwargs) -> None:
     bench_command(targets, **kwargs)
 
 
+@main.command("export", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="File to write (.onnx or .engine); appears only "
+              "once its parity check passed.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset, pinned.")
+@click.option("--batch-size", type=int, help="Fixed batch size of the file  [default: 1]")
+@click.option("--dynamic-batch", is_flag=True, help="Symbolic batch dimension (TensorRT: a min/opt/max profile).")
+@click.option("--fp16", is_flag=True, help="TensorRT: fp16 engine (I/O stays fp32).")
+@click.option("--workspace", type=float, help="TensorRT: workspace memory pool in GB  [default: 4]")
+@click.option("--timing-cache", type=click.Path(), help="TensorRT: timing cache file to read and update.")
+@click.option("--min-batch", type=int, help="TensorRT: profile minimum batch  [default: 1]")
+@click.option("--opt-batch", type=int, help="TensorRT: profile batch to tune for  [default: max]")
+@click.option("--max-batch", type=int, help="TensorRT: profile maximum batch  [default: 32]")
+@click.option("--data", help="Also check parity on validation images of this data spec: " + DATA_HELP)
+@click.option("--no-check", is_flag=True, help="Skip the parity check (said in the output).")
+@click.option("--no-simplify", is_flag=True, help="Keep the exporter's graph (no onnxslim pass).")
+@click.option("--json", "json_path", type=click.Path(), help="Write the table's figures here as JSON.")
+@handle_errors
+def export_cmd(run_dir: str, **kwargs) -> None:
+    """Export a run's deployable module to ONNX or a TensorRT engine, checking numerical parity.
+
+    The file is run in ONNX Runtime (or TensorRT) on seeded inputs, plus --data validation images, and
+    compared with PyTorch: above tolerance (fp32: 1e-4 of the output scale) it exits 1 and keeps the
+    file as OUT.failed, with nothing at OUT.
+    """
+    from export.command import export_command
+
+    export_command(run_dir, **kwargs)
+
+
 if __name__ == "__main__":
     main()
