@@ -142,7 +142,7 @@ def _fashion(arg: str, image_size: int | None) -> DataBundle:
     train_y, test_y = (_read_idx(files[k]).long() for k in ("train-labels", "t10k-labels"))
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise CompressError(f"Fashion-MNIST files in {root} disagree on the number of images and labels")
-    train_idx, val_idx = _stratified_split(train_y, 5000)
+    train_idx, val_idx = _stratified_split(train_y, 1 / 12)  # 5000 of the official 60000
     full = ImageSet(train_y, train_x, image_size=size, flip=True)
     return DataBundle(f"fashion-mnist:{root}" if arg else "fashion-mnist", full.subset(train_idx),
                       full.subset(val_idx), ImageSet(test_y, test_x, image_size=size, flip=True), 10,
@@ -216,7 +216,10 @@ def _stratified_split(labels: torch.Tensor, val: float | int) -> tuple[torch.Ten
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(idx, test_size=val, stratify=labels.numpy(), random_state=SPLIT_SEED)
+    n_val = val if isinstance(val, int) else int(np.ceil(val * len(idx)))
+    counts = np.bincount(labels.numpy())
+    stratify = labels.numpy() if n_val >= len(counts) and counts[counts > 0].min() >= 2 else None
+    train_idx, val_idx = train_test_split(idx, test_size=val, stratify=stratify, random_state=SPLIT_SEED)
     return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
 
 

@@ -1,0 +1,133 @@
+"""train/eval through the real CLI: run-directory contract, reproducibility, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+
+TRAIN_KEYS = {"command", "version", "model", "data", "seed", "input_size", "wall_time_s", "accuracy", "flops", "params"}
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    out = run_cli("--help").output
+    assert "train" in out and "eval" in out
+    assert run_cli("--version").exit_code == 0
+
+
+def test_run_directory_contract(digits_run):
+    report = json.loads((digits_run / "report.json").read_text())
+    assert TRAIN_KEYS <= report.keys() and report["command"] == "train"
+    assert report["input_size"] == [3, 16, 16] and report["flops"] > 0 and report["params"] > 0
+    spec = json.loads((digits_run / "model.json").read_text())
+    assert spec["model"] == "resnet20" and spec["num_classes"] == 10 and spec["prompt"] is None
+    state = torch.load(digits_run / "model.pt", weights_only=True)
+    assert any(k.startswith("net.") for k in state)
+    assert not [p for p in digits_run.parent.iterdir() if p.name.startswith(".")], "temporary directories left"
+
+
+def test_eval_prints_the_reported_accuracy(digits_run):
+    report = json.loads((digits_run / "report.json").read_text())
+    result = run_cli("eval", digits_run, "--data", "digits")
+    assert result.exit_code == 0, result.output
+    assert f"accuracy {report['accuracy']:.4f}" in result.output
+
+
+def test_load_round_trip_in_a_fresh_process(digits_run):
+    """compress.load rebuilds the module from JSON + weights alone, in a process that never saw it."""
+    import compress
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = compress.load(digits_run)(x)
+    code = ("import sys, torch, compress; m = compress.load(sys.argv[1]); "
+            "x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)); "
+            "torch.save(m(x).detach(), sys.argv[2])")
+    out = digits_run.parent / "roundtrip.pt"
+    subprocess.run([sys.executable, "-c", code, str(digits_run), str(out)], check=True, env={**os.environ})
+    assert torch.allclose(torch.load(out, weights_only=True), expected, atol=1e-6)
+
+
+def test_same_seed_same_accuracy(tmp_path):
+    args = ["train", "--model", "resnet20", "--data", "synthetic:200", "--epochs", "1", "--image-size", "16",
+            "--seed", "3"]
+    for name in ("a", "b"):
+        assert run_cli(*args, "--out", tmp_path / name).exit_code == 0
+    ra, rb = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("a", "b"))
+    assert ra["accuracy"] == rb["accuracy"] and ra["history"] == rb["history"]
+
+
+def _assert_clean_failure(result, words, parent):
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    if parent is not None and parent.exists():
+        assert not [p for p in parent.iterdir() if p.name.startswith(".") or p.name == "out"], "partial output left"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "resnet7", "--data", "digits"], "unknown model 'resnet7'"),
+    (["--model", "resnet20", "--data", "mnist"], "unknown data spec"),
+    (["--model", "resnet20", "--data", "cifar10:/no/such/dir"], "no data_batch_1"),
+    (["--model", "resnet20", "--data", "digits", "--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_train_bad_input(tmp_path, args, words):
+    _assert_clean_failure(run_cli("train", *args, "--out", tmp_path / "out"), words, tmp_path)
+
+
+def test_train_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("train", "--model", "resnet20", "--data", "digits", "--out", blocker / "run")
+    _assert_clean_failure(result, "cannot write to --out", None)
+
+
+def test_train_refuses_to_replace_a_non_run_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = run_cli("train", "--model", "resnet20", "--data", "digits", "--out", tmp_path / "mine")
+    _assert_clean_failure(result, "is not a run directory", None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_eval_missing_directory(tmp_path):
+    _assert_clean_failure(run_cli("eval", tmp_path / "nope", "--data", "digits"), "does not exist", None)
+
+
+def test_eval_not_a_run(tmp_path):
+    _assert_clean_failure(run_cli("eval", tmp_path, "--data", "digits"), "is not a run directory", None)
+
+
+def test_eval_truncated_weights(digits_run, tmp_path):
+    run = _copy_run(digits_run, tmp_path / "run")
+    raw = (run / "model.pt").read_bytes()
+    (run / "model.pt").write_bytes(raw[: len(raw) // 2])
+    _assert_clean_failure(run_cli("eval", run, "--data", "digits"), "not a readable weights file", None)
+
+
+def test_eval_spec_that_does_not_match_weights(digits_run, tmp_path):
+    run = _copy_run(digits_run, tmp_path / "run")
+    spec = json.loads((run / "model.json").read_text())
+    spec["model"] = "resnet32"
+    (run / "model.json").write_text(json.dumps(spec))
+    _assert_clean_failure(run_cli("eval", run, "--data", "digits"), "model.pt does not match model.json", None)
+
+
+def test_eval_wrong_number_of_classes(digits_run, cifar100_dir):
+    result = run_cli("eval", digits_run, "--data", f"cifar100:{cifar100_dir}")
+    _assert_clean_failure(result, "has 100 classes", None)
