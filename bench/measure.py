@@ -51,7 +51,7 @@ class Result:
     params: int | None
     device: str
     timing: str
-    cold_start_ms: float  # first run at this batch size (compilation, autotuning, engine build)
+    cold_start_ms: float  # preparing this batch size + first run (compilation, autotuning, engine build)
     load_ms: float  # building the session / module / engine for this target
 
 
@@ -77,9 +77,10 @@ class Contender:
 
 
 def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
-    """Cold start (first run), then warm-up by time and count; sizes the block from the warm runs."""
-    c.batch = c.runner.prepare(batch_size)
+    """Cold start (preparing the batch size and its first run), then warm-up by time and count;
+    sizes the interleaving block from the warm runs."""
     start = time.perf_counter()
+    c.batch = c.runner.prepare(batch_size)
     c.runner.run(c.batch)
     c.cold_start_ms = (time.perf_counter() - start) * 1000
     warm: list[float] = []

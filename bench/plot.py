@@ -42,6 +42,7 @@ def plot_latency_vs_flops(results: list[Result], path: str | os.PathLike, title:
         ax.set_yscale("log")
     ax.set_title(title or "latency vs FLOPs (whisker: p90)")
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.2)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)

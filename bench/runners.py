@@ -72,6 +72,13 @@ class Runner(ABC):
         return out
 
 
+def make_input(shape: tuple[int, ...]):
+    """The same deterministic images in [0, 1] for every backend (a torch CPU tensor)."""
+    import torch
+
+    return torch.rand(shape, generator=torch.Generator().manual_seed(INPUT_SEED))
+
+
 def _cuda_missing() -> str | None:
     import torch
 
@@ -106,10 +113,7 @@ class TorchRunner(Runner):
         return module
 
     def prepare(self, batch_size: int):
-        import torch
-
-        g = torch.Generator().manual_seed(INPUT_SEED)
-        return torch.rand((batch_size, *self.input_size), generator=g).to(self.device)
+        return make_input((batch_size, *self.input_size)).to(self.device)
 
     def run(self, batch):
         import torch
@@ -260,8 +264,7 @@ class OrtRunner(Runner):
         if not all(isinstance(d, int) for d in rest):
             raise CompressError(f"{self.target.label} has a symbolic image dimension ({self.input.shape}); "
                                 "export it with a fixed input size")
-        rng = np.random.default_rng(INPUT_SEED)
-        return rng.random((batch_size, *rest), dtype=np.float32).astype(_ORT_DTYPES[self.input.type])
+        return make_input((batch_size, *rest)).numpy().astype(_ORT_DTYPES[self.input.type])
 
     def prepare(self, batch_size: int):
         return {self.input.name: self.host_batch(batch_size)}
@@ -314,11 +317,84 @@ class OrtTensorRTRunner(OrtCudaRunner):
         return [(self.provider, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+# -------------------------------------------------------------------------------------- TensorRT
+
+
+class TensorRTRunner(_CudaTiming, Runner):
+    """Native TensorRT: engine files as they are; run directories and ONNX files are built into an
+    fp32 engine per batch size (profile min = opt = max, as `trtexec --shapes`), the build counted
+    in the cold start. Timing excludes host-device copies: input and output stay on the GPU."""
+
+    name = "tensorrt"
+    accepts = ("engine", "run", "onnx")
+
+    def __init__(self, threads: int, scratch: Path):
+        super().__init__(threads, scratch)
+        self.engine = None
+        self.onnx: Path | None = None
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "the tensorrt package is not installed (pip install -e \".[gpu]\")"
+        return _cuda_missing()
+
+    def load(self, target: Target) -> None:
+        from export.tensorrt import TensorRTEngine
+
+        self.target = target
+        if target.kind == "engine":
+            self.engine = TensorRTEngine.load(target.path)
+        else:
+            self.onnx = target.onnx_file(self.scratch)
+
+    def _engine_for(self, batch_size: int):
+        from export.tensorrt import TensorRTEngine, to_tensorrt
+
+        if self.target.kind == "engine":
+            return self.engine
+        out = self.scratch / f"{self.onnx.stem}-b{batch_size}.engine"
+        if not out.exists():
+            to_tensorrt(self.onnx, out, min_batch=batch_size, opt_batch=batch_size, max_batch=batch_size,
+                        check=False, timing_cache=self.scratch / "trt-timing.cache")
+        return TensorRTEngine.load(out)
+
+    def prepare(self, batch_size: int):
+        import torch
+
+        self.engine = engine = self._engine_for(batch_size)
+        engine.check_batch_size(batch_size)
+        shape = (batch_size, *(int(d) for d in engine.input_shape[1:]))
+        x = make_input(shape).to(device="cuda", dtype=engine.input_dtype).contiguous()
+        ctx = engine.context
+        ctx.set_input_shape(engine.input_name, shape)
+        out = torch.empty(tuple(ctx.get_tensor_shape(engine.output_name)), dtype=engine.output_dtype, device="cuda")
+        ctx.set_tensor_address(engine.input_name, x.data_ptr())
+        ctx.set_tensor_address(engine.output_name, out.data_ptr())
+        return x, out
+
+    def run_async(self, batch):
+        import torch
+
+        if not self.engine.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise CompressError(f"TensorRT failed to execute {self.target.label}")
+        return batch[1]
+
+    def run(self, batch):
+        import torch
+
+        out = self.run_async(batch)
+        torch.cuda.synchronize()
+        return out
+
+
 # -------------------------------------------------------------------------------------- registry
 
 RUNNERS: dict[str, type[Runner]] = {cls.name: cls for cls in (
     TorchRunner, TorchCompileRunner, TorchCudaRunner, TorchCompileCudaRunner,
-    OrtRunner, OrtCudaRunner, OrtTensorRTRunner,
+    OrtRunner, OrtCudaRunner, OrtTensorRTRunner, TensorRTRunner,
 )}
 ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "pytorch": "torch", "torch-cpu": "torch",
            "trt": "tensorrt"}

@@ -1,0 +1,248 @@
+"""Runner and measurement plumbing on tiny models (no timing is asserted anywhere)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.measure import Contender, Settings, measure_interleaved
+from bench.report import RESULT_KEYS, SPEEDUP_KEYS, load_results, to_json, write_json
+from bench.runners import (
+    RUNNERS,
+    OrtCudaRunner,
+    OrtRunner,
+    Runner,
+    TensorRTRunner,
+    TorchCompileRunner,
+    TorchCudaRunner,
+    TorchRunner,
+    default_backends,
+    parse_backends,
+)
+from bench.session import benchmark
+from bench.targets import resolve_targets
+from compress.errors import CompressError
+from compress.flops import count_flops, count_params
+from compress.runs import build_module, build_spec, write_run
+
+SIZE = 16
+FAST = Settings(threads=1, warmup_s=0.0, warmup_iters=2, min_time_s=0.02, min_iters=5, block_s=0.005)
+
+
+def make_run(path, model="resnet20"):
+    spec = build_spec(model, 10, (3, SIZE, SIZE), [0.5] * 3, [0.25] * 3, adapt=None, data="synthetic")
+    torch.manual_seed(0)
+    module = build_module(spec).eval()
+    report = {"command": "train", "model": model, "data": "synthetic", "seed": 0, "input_size": [3, SIZE, SIZE],
+              "wall_time_s": 0.0, "accuracy": 0.1, "flops": count_flops(module, module.input_size),
+              "params": count_params(module)}
+    write_run(path, module, spec, report)
+    return path, module
+
+
+def make_onnx(path, module, dynamic):
+    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    torch.onnx.export(module, (module.example_input(1),), str(path), dynamo=False, opset_version=18,
+                      input_names=["images"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    dense, module = make_run(root / "dense")
+    small, small_module = make_run(root / "small", "resnet20")
+    big, _ = make_run(root / "big", "resnet32")
+    return {"dense": dense, "module": module, "big": big, "small": small,
+            "dyn": make_onnx(root / "dyn.onnx", small_module, dynamic=True),
+            "fixed": make_onnx(root / "fixed.onnx", small_module, dynamic=False)}
+
+
+def test_parse_backends_resolves_aliases_and_rejects_unknown():
+    assert parse_backends("torch, ort,onnxruntime") == ["torch", "onnxruntime"]
+    assert parse_backends(None) is None
+    with pytest.raises(CompressError, match="unknown backend 'tvm'"):
+        parse_backends("torch,tvm")
+
+
+def test_targets_resolve_kinds_counts_and_unique_labels(files, tmp_path):
+    dense, dense2, onnx, fixed = resolve_targets([files["dense"], files["dense"], files["dyn"], files["fixed"]])
+    assert (dense.kind, onnx.kind) == ("run", "onnx")
+    assert dense.label != dense2.label and dense2.label.endswith("#2")
+    assert dense.flops == count_flops(files["module"], (3, SIZE, SIZE)) and dense.params > 0
+    assert onnx.flops is None and onnx.batch_dim is None and fixed.batch_dim == 1
+    (tmp_path / "model.bin").write_text("x")
+    for bad, msg in ((tmp_path / "nope", "does not exist"), (tmp_path / "model.bin", "not a run directory"),
+                     (tmp_path, "not a run directory")):
+        with pytest.raises(CompressError, match=msg):
+            resolve_targets([bad])
+
+
+def test_default_backends_on_this_machine(files):
+    runs = resolve_targets([files["dense"]])
+    onnx = resolve_targets([files["dyn"]])
+    expected_runs = [n for n, c in RUNNERS.items() if c.default and c.unavailable() is None]
+    assert default_backends(runs) == expected_runs
+    assert "torch" not in default_backends(onnx) and "onnxruntime" in default_backends(onnx)
+    assert "torch-compile" not in default_backends(runs)  # opt-in: compiling is slow
+
+
+def test_torch_and_ort_runners_agree_on_outputs(files, tmp_path):
+    (target,) = resolve_targets([files["dyn"]])
+    (run_target,) = resolve_targets([files["small"]])
+    ort_runner, torch_runner = OrtRunner(1, tmp_path), TorchRunner(1, tmp_path)
+    ort_runner.load(target)
+    torch_runner.load(run_target)
+    for bs in (1, 3):
+        x = torch_runner.prepare(bs)
+        feed = ort_runner.prepare(bs)
+        np.testing.assert_allclose(feed["images"], x.numpy())  # same deterministic input
+        np.testing.assert_allclose(ort_runner.run(feed)[0], torch_runner.run(x).numpy(), atol=1e-4)
+        times = ort_runner.time(feed, 4)
+        assert times.shape == (4,) and np.all(times > 0)
+
+
+def test_fixed_batch_onnx_refuses_other_batch_sizes(files, tmp_path):
+    targets = resolve_targets([files["fixed"]])
+    with pytest.raises(CompressError, match="fixed batch size of 1 and cannot run batch size 8"):
+        benchmark(targets, backends=["onnxruntime"], batch_sizes=[1, 8], settings=FAST)
+    runner = OrtRunner(1, tmp_path)
+    runner.load(targets[0])
+    with pytest.raises(CompressError, match="fixed batch size of 1"):
+        runner.prepare(2)
+    assert runner.prepare(1)["images"].shape == (1, 3, SIZE, SIZE)
+
+
+def test_runners_reject_targets_they_cannot_run(files):
+    run, onnx = resolve_targets([files["dense"], files["dyn"]])
+    assert TorchRunner.rejects(onnx) and TorchRunner.rejects(run) is None
+    assert OrtRunner.rejects(run) is None and OrtRunner.rejects(onnx) is None
+    assert TensorRTRunner.rejects(onnx) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_runners_skip_with_a_reason_without_cuda(files):
+    for cls in (TorchCudaRunner, OrtCudaRunner, RUNNERS["ort-trt"], TensorRTRunner, RUNNERS["torch-compile-cuda"]):
+        assert cls.unavailable(), cls.name
+    skipped = []
+    run = benchmark(resolve_targets([files["dyn"]]), backends=["torch-cuda", "ort-cuda", "tensorrt", "onnxruntime"],
+                    settings=FAST, on_skip=skipped.append)
+    assert {s.backend for s in skipped} == {"torch-cuda", "ort-cuda", "tensorrt"}
+    assert all(s.reason for s in skipped)
+    assert [(r.backend, r.target) for r in run.results] == [("onnxruntime", str(files["dyn"]))]
+    with pytest.raises(CompressError, match="nothing was measured: skipped torch-cuda"):
+        benchmark(resolve_targets([files["dyn"]]), backends=["torch-cuda"], settings=FAST)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_cuda_runner_times_with_cuda_events(files, tmp_path):
+    (target,) = resolve_targets([files["dense"]])
+    runner = TorchCudaRunner(1, tmp_path)
+    runner.load(target)
+    x = runner.prepare(2)
+    assert x.is_cuda and runner.run(x).shape == (2, 10)
+    assert np.all(runner.time(x, 3) > 0)
+    assert next(target.module().parameters()).device.type == "cpu"  # the shared module stays on the CPU
+
+
+def test_torch_compile_runner_plumbing(files, tmp_path):
+    """The compile path and its cold start, with the cheap "eager" compile backend (inductor is slow)."""
+    (target,) = resolve_targets([files["small"]])
+    runner = TorchCompileRunner(1, tmp_path)
+    runner.compile_backend = "eager"
+    runner.load(target)
+    x = runner.prepare(2)
+    expected = target.module()(x)
+    torch.testing.assert_close(runner.run(x), expected)
+
+
+class Recorder(Runner):
+    """A real (tiny) matmul workload that logs the order runners are called in."""
+
+    name = "recorder"
+    accepts = ("onnx",)
+
+    def __init__(self, tag, log):
+        super().__init__(1, None)
+        self.tag, self.log = tag, log
+
+    def load(self, target):
+        self.target = target
+
+    def prepare(self, batch_size):
+        return np.ones((batch_size, 32), dtype=np.float32)
+
+    def run(self, batch):
+        return batch @ batch.T
+
+    def time(self, batch, iterations):
+        self.log.append((self.tag, iterations))
+        return super().time(batch, iterations)
+
+
+def test_measurement_interleaves_in_alternating_rounds(files):
+    log = []
+    a, b = resolve_targets([files["dyn"], files["dyn"]])
+    contenders = [Contender(a, Recorder("A", log), 0.0), Contender(b, Recorder("B", log), 0.0)]
+    measure_interleaved(contenders, 2, replace(FAST, max_iters=10**7))
+    warm = [tag for tag, _ in log[:2 * FAST.warmup_iters]]  # warmup_s=0: exactly warmup_iters runs each
+    assert warm == ["A"] * FAST.warmup_iters + ["B"] * FAST.warmup_iters
+    blocks = [tag for tag, _ in log[2 * FAST.warmup_iters:]]
+    assert len(blocks) >= 2 and len(blocks) % 2 == 0
+    # Rounds alternate their order: A B | B A | A B ...
+    assert blocks == [t for i in range(len(blocks) // 2) for t in (("A", "B") if i % 2 == 0 else ("B", "A"))]
+    for c in contenders:
+        assert c.count >= FAST.min_iters and c.total_ms >= FAST.min_time_s * 1000
+        assert c.cold_start_ms > 0 and c.block >= 1
+
+
+def test_measurement_stops_at_max_iters(files):
+    capped = Settings(threads=1, warmup_s=0.0, warmup_iters=1, min_time_s=60.0, min_iters=1, max_iters=30,
+                      block_s=0.001)
+    (a,) = resolve_targets([files["dyn"]])
+    c = Contender(a, Recorder("A", []), 0.0)
+    measure_interleaved([c], 1, capped)
+    assert c.count == 30
+
+
+def test_benchmark_end_to_end_json_schema(files, tmp_path):
+    """Two run directories on torch and onnxruntime: every design.md key, speedups with fidelity."""
+    targets = resolve_targets([files["big"], files["small"]])
+    run = benchmark(targets, backends=["torch", "onnxruntime"], batch_sizes=[1, 2], settings=FAST, resamples=200)
+    assert {(r.target, r.backend, r.batch_size) for r in run.results} == {
+        (t.label, b, n) for t in targets for b in ("torch", "onnxruntime") for n in (1, 2)}
+    doc = to_json(run)
+    assert set(doc) >= {"host", "settings", "results", "speedups"}
+    assert doc["settings"]["threads"] == 1 and doc["settings"]["batch_sizes"] == [1, 2]
+    assert doc["host"]["physical_cores"] >= 1
+    for row in doc["results"]:
+        assert set(RESULT_KEYS) <= set(row)
+        assert len(row["samples_ms"]) == row["n"] >= FAST.min_iters
+        assert row["p90_ms"] <= row["p99_ms"] and row["flops"] > 0 and row["params"] > 0
+    assert len(doc["speedups"]) == 4
+    big, small = targets
+    for row in doc["speedups"]:
+        assert set(SPEEDUP_KEYS) <= set(row)
+        assert (row["baseline"], row["target"]) == (big.label, small.label)
+        assert row["flops_ratio"] == pytest.approx(small.flops / big.flops)
+        assert row["fidelity"] == pytest.approx(row["speedup"] * small.flops / big.flops)
+        lo, hi = row["speedup_ci95"]
+        assert lo <= row["speedup"] <= hi
+    path = write_json(doc, tmp_path / "out" / "b.json")
+    back = load_results(path)
+    assert [(r.target, r.backend, r.batch_size) for r in back] == [
+        (r.target, r.backend, r.batch_size) for r in run.results]
+    np.testing.assert_allclose(back[0].samples_ms, run.results[0].samples_ms, atol=1e-5)
+
+
+def test_load_results_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    for text, msg in (("{", "not valid JSON"), ('{"results": []}', "has no results"),
+                      ('{"results": [{"target": "x"}]}', "lacks backend")):
+        bad.write_text(text)
+        with pytest.raises(CompressError, match=msg):
+            load_results(bad)
+    with pytest.raises(CompressError, match="not found"):
+        load_results(tmp_path / "missing.json")
