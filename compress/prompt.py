@@ -1,0 +1,81 @@
+"""Visual prompts: learnable input transformations that are part of the deployable module.
+
+`pad` follows the VPNs reference (`PadVisualPrompt`): the image is resized to an inner size, zero-padded
+back to the input size, and a learnable frame of width `size` (a full-size tensor times a fixed border
+mask, starting at zero) is added; the result is clamped to [0, 1]. `additive` learns a full-frame delta.
+Prompts act in pixel space, before normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError
+
+PROMPT_KINDS = ("pad", "additive", "none")
+
+
+def default_prompt_size(image_size: int) -> int:
+    """The reference frame is 16 px at 224 px; keep the same share of the image, at least 1 px."""
+    return max(1, round(image_size * 16 / 224))
+
+
+class PadPrompt(nn.Module):
+    def __init__(self, image_size: int, size: int, channels: int = 3):
+        super().__init__()
+        if not 1 <= size < image_size // 2:
+            raise CompressError(f"--prompt-size {size} must be between 1 and {image_size // 2 - 1} at {image_size} px")
+        self.image_size, self.size = image_size, size
+        self.delta = nn.Parameter(torch.zeros(1, channels, image_size, image_size))
+        mask = torch.ones(1, 1, image_size, image_size)
+        mask[..., size:image_size - size, size:image_size - size] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.image_size - 2 * self.size
+        x = F.interpolate(x, size=(inner, inner), mode="bilinear", align_corners=False)
+        x = F.pad(x, (self.size,) * 4)
+        return (x + self.delta * self.mask).clamp(0.0, 1.0)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "pad", "image_size": self.image_size, "size": self.size}
+
+
+class AdditivePrompt(nn.Module):
+    def __init__(self, image_size: int, channels: int = 3):
+        super().__init__()
+        self.image_size = image_size
+        self.delta = nn.Parameter(torch.zeros(1, channels, image_size, image_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.delta).clamp(0.0, 1.0)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "additive", "image_size": self.image_size}
+
+
+def make_prompt(kind: str, image_size: int, size: int | None = None) -> nn.Module | None:
+    """A fresh (zero) prompt of `kind` for square inputs of `image_size` px; None for "none"."""
+    if kind == "none":
+        return None
+    if kind == "pad":
+        return PadPrompt(image_size, size if size is not None else default_prompt_size(image_size))
+    if kind == "additive":
+        return AdditivePrompt(image_size)
+    raise CompressError(f"unknown prompt kind {kind!r}; use one of {', '.join(PROMPT_KINDS)}")
+
+
+def build_prompt(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a prompt from its model.json spec (weights come from model.pt)."""
+    try:
+        return make_prompt(spec["kind"], int(spec["image_size"]), spec.get("size"))
+    except KeyError as exc:
+        raise CompressError(f"prompt spec in model.json lacks {exc}") from None
+
+
+def prompt_spec(prompt: nn.Module | None) -> dict[str, Any] | None:
+    return prompt.spec() if prompt is not None and hasattr(prompt, "spec") else None
