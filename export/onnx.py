@@ -181,7 +181,7 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
 
 
 def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float) -> Parity:
-    runner = OnnxRunner(path)
+    runner = OnnxRunner(path, spin=False)
     return check_parity(reference, runner, batches, tolerance=tolerance, inputs=f"{described}, onnxruntime vs pytorch")
 
 
@@ -192,17 +192,20 @@ class OnnxRunner:
     """An ONNX Runtime session on an exported file that refuses inputs of the wrong shape up front.
 
     `threads=0` lets ONNX Runtime use one thread per physical core; providers are explicit
-    (deploy.md), CPU unless given.
+    (deploy.md), CPU unless given. `spin=False` stops idle worker threads from busy-waiting, which
+    on a shared, oversubscribed machine makes a check minutes slower (timing runs keep the default).
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
         except Exception as exc:

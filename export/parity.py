@@ -21,6 +21,7 @@ FP16_TOLERANCE = 2e-2  # fp16 carries ~3 decimal digits; errors grow with depth
 
 SCALE_FLOOR = 1e-6  # all-zero reference outputs (e.g. an untrained zero-initialised head): compare absolutely
 SEEDED_SAMPLES = 16
+REFERENCE_CHUNK = 64
 DATA_SAMPLES = 256
 
 
@@ -65,16 +66,20 @@ def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float, inpu
 def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
                  batches: Iterable[tuple[np.ndarray, int]], *, tolerance: float = FP32_TOLERANCE,
                  inputs: str = "") -> Parity:
-    """Run both callables on every batch and compare the first `n_real` rows of each.
+    """Run `candidate` on every batch and `reference` on the same images; compare the real rows.
 
-    `batches` yields (x, n_real): a batch padded to a fixed batch size keeps its padding out of the
-    figures.
+    `batches` yields (x, n_real): a batch padded to a file's fixed batch size keeps its padding
+    out of the figures. The reference runs in chunks of REFERENCE_CHUNK whatever the file's batch
+    size (eager PyTorch at batch 1 is slow, and its result does not depend on the batching).
     """
-    refs, gots = [], []
+    real, got = [], []
     for x, n_real in batches:
-        refs.append(np.asarray(reference(x))[:n_real])
-        gots.append(np.asarray(candidate(x))[:n_real])
-    return compare(np.concatenate(refs), np.concatenate(gots), tolerance, inputs)
+        real.append(x[:n_real])
+        got.append(np.asarray(candidate(x))[:n_real])
+    images = np.concatenate(real)
+    ref = np.concatenate([np.asarray(reference(images[i:i + REFERENCE_CHUNK]))
+                          for i in range(0, len(images), REFERENCE_CHUNK)])
+    return compare(ref, np.concatenate(got), tolerance, inputs)
 
 
 def torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:

@@ -246,7 +246,8 @@ def _source(onnx_or_module, work: Path, min_batch: int, max_batch: int | None, o
     shape = onnx_input_shape(path)
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         raise CompressError(f"{path.name} has input shape {list(shape)}; expected [batch, C, H, W] with fixed C, H, W")
-    return path, OnnxRunner(path), None, [f"built from {path}; parity against onnxruntime"], tuple(shape[1:])
+    notes = [f"built from {path}; parity against onnxruntime"]
+    return path, OnnxRunner(path, spin=False), None, notes, tuple(shape[1:])
 
 
 def _profile(shape, min_batch: int, opt_batch: int | None, max_batch: int | None):
