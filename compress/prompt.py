@@ -19,6 +19,16 @@ from compress.errors import CompressError
 PROMPT_KINDS = ("pad", "additive", "none")
 
 
+def clamp_unit(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """Clamp to [0, 1]. In training the gradient passes on the closed interval: torch's clamp has zero
+    gradient *at* the bounds, which would freeze a zero-initialised frame over zero padding forever."""
+    y = x.clamp(0.0, 1.0)
+    if not training:
+        return y
+    inside = ((x >= 0) & (x <= 1)).to(x.dtype)
+    return y.detach() + (x - x.detach()) * inside
+
+
 def default_prompt_size(image_size: int) -> int:
     """The reference frame is 16 px at 224 px; keep the same share of the image, at least 1 px."""
     return max(1, round(image_size * 16 / 224))
@@ -39,7 +49,7 @@ class PadPrompt(nn.Module):
         inner = self.image_size - 2 * self.size
         x = F.interpolate(x, size=(inner, inner), mode="bilinear", align_corners=False)
         x = F.pad(x, (self.size,) * 4)
-        return (x + self.delta * self.mask).clamp(0.0, 1.0)
+        return clamp_unit(x + self.delta * self.mask, self.training)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "pad", "image_size": self.image_size, "size": self.size}
@@ -52,7 +62,7 @@ class AdditivePrompt(nn.Module):
         self.delta = nn.Parameter(torch.zeros(1, channels, image_size, image_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.delta).clamp(0.0, 1.0)
+        return clamp_unit(x + self.delta, self.training)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "additive", "image_size": self.image_size}
