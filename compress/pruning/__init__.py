@@ -1,0 +1,1 @@
+"""Structural pruning engine: channel groups, gates, slimming, FLOPs model, targeting, structure records."""

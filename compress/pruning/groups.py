@@ -1,0 +1,350 @@
+"""Channel groups: the sets of coupled channels that must be kept or removed together.
+
+Torch-Pruning's `DependencyGraph` traces the network and couples channels through residual adds,
+concatenations, depthwise/grouped convolutions, SE multiplies, flatten → Linear and attention. Each
+of its groups becomes one `ChannelGroup`, with
+
+- a stable id (the name of its root layer, the first layer whose output channels it holds),
+- its *units*: the things a mask keeps or removes. Usually a unit is a channel; in attention-head
+  groups a unit is a whole head (head_dim channels), and in groups that pass through a grouped
+  convolution a unit is one channel position taken in every convolution group (so each group of
+  the convolution keeps the same width),
+- gate sites: the input channels of the *mixing* consumers (non-depthwise convolutions, Linear
+  layers). Zeroing a channel at every mixing consumer is exactly equivalent to removing it,
+  because everything else on the way (BN, activations, adds, depthwise convs, pooling, SE
+  multiplies) acts on each channel separately.
+
+Groups whose channels pass through LayerNorm/GroupNorm (e.g. the ViT and ConvNeXt residual
+streams) are excluded: normalisation statistics are taken over all channels, so a zeroed channel
+and a removed one give different outputs, and gate ↔ slim equivalence would be lost. Their layers
+keep their full width; ViT/ConvNeXt stay prunable through their MLP hidden dims and (ViT) heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.pruning.attention import SplitAttention, split_attention
+
+log = logging.getLogger(__name__)
+
+# Autograd ops that act on each channel separately (or only move whole channels around, which
+# Torch-Pruning maps): they may sit inside a group. Anything else inside a group is refused.
+CHANNEL_SAFE_OPS = {
+    "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0", "NegBackward0", "CloneBackward0",
+    "ReluBackward0", "HardtanhBackward0", "SigmoidBackward0", "HardsigmoidBackward0", "HardswishBackward0",
+    "SiluBackward0", "GeluBackward0", "TanhBackward0", "LeakyReluBackward0", "EluBackward0", "MishBackward0",
+    "ClampBackward1", "ClampMinBackward0", "PreluKernelBackward0",
+    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
+    "AdaptiveMaxPool2DBackward0", "MeanBackward1", "SumBackward1", "UpsampleNearest2DBackward0",
+    "UpsampleBilinear2DBackward0", "CatBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+    "PermuteBackward0", "TransposeBackward0", "TBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "UnsqueezeBackward0", "ExpandBackward0", "SelectBackward0", "SliceBackward0", "AsStridedBackward0",
+    "AsStridedBackward1", "AddmmBackward0", "MmBackward0", "DropoutBackward0", "NativeDropoutBackward0",
+    "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+}
+# Ops allowed only inside attention-head groups, where whole heads are removed.
+HEAD_SAFE_OPS = {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0"}
+# Reductions over these dims of an NCHW tensor would mix channels.
+_REDUCTIONS = {"MeanBackward1", "SumBackward1"}
+
+
+@dataclass(eq=False)
+class Member:
+    """One coupled layer of a group: which of its channels (`idx`) carry which group unit (`unit`)."""
+
+    name: str                 # module (or parameter) name inside the network
+    side: str                 # "in" (input channels of a mixing layer), "out" (its outputs), "local"
+    layer: str                # "conv", "dwconv", "gconv", "linear", "norm", "param", "other"
+    idx: torch.Tensor         # channel indices in the layer's pruned dimension
+    unit: torch.Tensor        # for each of them, the group unit it belongs to
+
+    @property
+    def per_unit(self) -> float:
+        """How many of this layer's channels one unit spans (e.g. H·W for a Linear after flatten)."""
+        return len(self.idx) / max(1, int(self.unit.max()) + 1) if len(self.idx) else 0.0
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """A set of coupled channels; masks and gates are per group, of length `width`."""
+
+    id: str                   # name of the root layer (stable across runs of the same architecture)
+    width: int                # number of units (the gate/mask length)
+    channels: int             # output channels of the root layer (= width × unit_channels)
+    members: list[str]        # names of the coupled layers
+    depth: float              # execution position of the root layer, 0 (first) … 1 (last)
+    flops_share: float        # fraction of dense FLOPs that scale with this group's width
+    kind: str = "channels"    # "channels", "heads" (unit = one attention head) or "tiled" (grouped conv)
+    unit_channels: int = 1    # root channels per unit
+    items: list[Member] = field(default_factory=list, repr=False)
+    graph: GroupGraph | None = field(default=None, repr=False)
+
+    def units_of_channels(self) -> torch.Tensor:
+        """For each root channel, its unit (LongTensor [channels])."""
+        return self.graph.unit_of[self.id]
+
+
+class GroupGraph:
+    """What the groups of one network share: the traced dependency graph and the dense FLOPs."""
+
+    def __init__(self, net: nn.Module, dg, example_input: torch.Tensor):
+        self.net = net
+        self.dg = dg
+        self.example_input = example_input
+        self.roots: dict[str, tuple[nn.Module, object]] = {}   # group id -> (root module, TP pruning fn)
+        self.unit_of: dict[str, torch.Tensor] = {}
+        self.excluded: list[tuple[str, str]] = []               # (root layer, reason)
+        self.module_flops: dict[str, int] = {}
+        self.total_flops = 0
+        self.flops_model = None
+        self.slimmed = False
+
+
+def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """The prunable channel groups of `net`, in execution order of their root layers.
+
+    `nn.MultiheadAttention` modules are first replaced in place by the equivalent `SplitAttention`
+    (same function and weights) so that attention heads become prunable groups. The classifier (every
+    layer whose output is the network output) is never pruned. Raises `CompressError` naming the
+    layer or op when the network cannot be traced or grouped.
+    """
+    from compress.pruning.flops_model import FlopsModel
+
+    split_attention(net)
+    was_training = net.training
+    with _execution_order(net) as order:
+        dg = _trace(net, example_input)
+    net.train(was_training)
+    graph = GroupGraph(net, dg, example_input)
+    outputs = _output_layers(dg)
+    groups = []
+    for tp_group in dg.get_all_groups(ignored_layers=outputs):
+        group = _make_group(graph, tp_group)
+        if group is not None:
+            groups.append(group)
+    last = max(order.values(), default=1) or 1
+    for g in groups:
+        g.depth = round(order.get(g.id, 0) / last, 4)
+    groups.sort(key=lambda g: (g.depth, g.id))
+    graph.module_flops, graph.total_flops = _module_flops(net, example_input)
+    graph.flops_model = FlopsModel(groups, graph.module_flops, graph.total_flops, _attention_flops(net, groups))
+    for g, share in zip(groups, graph.flops_model.shares(), strict=True):
+        g.flops_share = share
+    for root, reason in graph.excluded:
+        log.info("group at %s not prunable: %s", root, reason)
+    return groups
+
+
+def _trace(net: nn.Module, example_input: torch.Tensor):
+    import torch_pruning as tp
+
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(net, example_inputs=example_input, verbose=False)
+    except Exception as exc:  # tracing runs arbitrary model code
+        raise CompressError(f"cannot trace the network for pruning: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+@contextmanager
+def _execution_order(net: nn.Module):
+    """Records, while active, the order in which modules are first called."""
+    order: dict[str, int] = {}
+    names = {m: n for n, m in net.named_modules()}
+
+    def record(mod, _inputs):
+        order.setdefault(names[mod], len(order))
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules()]
+    try:
+        yield order
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _output_layers(dg) -> list[nn.Module]:
+    """Layers whose outputs reach the network output through parameter-free ops only."""
+    import torch_pruning as tp
+
+    found, seen = [], set()
+    stack = [n for n in dg.module2node.values() if n.type == tp.ops.OPTYPE.OUTPUT or not n.outputs]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node.module, nn.Module) and node.module in dg._module2name and node.type not in (
+                tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.OUTPUT):
+            found.append(node.module)
+            if not isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
+                stack.extend(node.inputs)   # a norm layer after the classifier: keep walking back
+            continue
+        stack.extend(node.inputs)
+    return found
+
+
+def _layer_kind(mod) -> str:
+    if isinstance(mod, nn.Parameter):
+        return "param"
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        if mod.groups == 1:
+            return "conv"
+        if mod.groups == mod.in_channels == mod.out_channels:
+            return "dwconv"
+        return "gconv"
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.PReLU)):
+        return "norm"
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "statnorm"
+    if isinstance(mod, nn.MultiheadAttention):
+        return "mha"
+    return "other"
+
+
+def _make_group(graph: GroupGraph, tp_group) -> ChannelGroup | None:
+    """Turn one Torch-Pruning group into a ChannelGroup, or None (recorded in graph.excluded)."""
+    dg = graph.dg
+    root_dep = tp_group[0].dep
+    root_mod = root_dep.target.module
+    root_name = dg._module2name[root_mod]
+    channels = len(tp_group[0].idxs)
+    raw, ops = [], []
+    for item in tp_group:
+        node, handler = item.dep.target, item.dep.handler
+        mod = node.module
+        if isinstance(mod, nn.Parameter):
+            name = dg._param_to_name.get(mod)
+        else:
+            name = dg._module2name.get(mod)
+        if name is None:
+            ops.append(node)
+            continue
+        is_out, is_in = dg.is_out_channel_pruning_fn(handler), dg.is_in_channel_pruning_fn(handler)
+        side = "local" if (is_out and is_in) or isinstance(mod, nn.Parameter) else ("out" if is_out else "in")
+        raw.append((name, mod, side, list(item.idxs), list(item.root_idxs)))
+
+    kinds = {name: _layer_kind(mod) for name, mod, *_ in raw}
+    if any(k == "statnorm" for k in kinds.values()):
+        norm = next(n for n, k in kinds.items() if k == "statnorm")
+        graph.excluded.append((root_name, f"its channels are normalised together by {norm} (LayerNorm/GroupNorm)"))
+        return None
+    if any(k in ("mha", "other") for k in kinds.values()):
+        bad = next(n for n, k in kinds.items() if k in ("mha", "other"))
+        graph.excluded.append((root_name, f"layer {bad} ({type(graph.net.get_submodule(bad)).__name__}) "
+                                          "cannot be gated exactly"))
+        return None
+
+    heads = _head_dim(graph.net, raw)
+    unit_of, kind, unit_channels = _unit_structure(graph, root_name, channels, raw, kinds, heads)
+    if unit_of is None:
+        return None
+    _check_ops(ops, root_name, is_heads=kind == "heads")
+
+    items = []
+    for name, _mod, side, idxs, root_idxs in raw:
+        if not idxs:
+            continue
+        items.append(Member(name=name, side=side, layer=kinds[name], idx=torch.tensor(idxs, dtype=torch.long),
+                            unit=unit_of[torch.tensor(root_idxs, dtype=torch.long)]))
+    graph.roots[root_name] = (root_mod, root_dep.handler)
+    graph.unit_of[root_name] = unit_of
+    width = int(unit_of.max()) + 1
+    members = list(dict.fromkeys(m.name for m in items))
+    return ChannelGroup(id=root_name, width=width, channels=channels, members=members, depth=0.0,
+                        flops_share=0.0, kind=kind, unit_channels=unit_channels, items=items, graph=graph)
+
+
+def _head_dim(net: nn.Module, raw) -> int | None:
+    """head_dim if the group holds the q/k/v outputs of a SplitAttention (an attention-head group)."""
+    for name, _mod, side, *_ in raw:
+        parent, _, child = name.rpartition(".")
+        owner = net.get_submodule(parent) if parent else net
+        if isinstance(owner, SplitAttention) and child in ("q", "k", "v") and side == "out":
+            return owner.head_dim
+    return None
+
+
+def _unit_structure(graph: GroupGraph, root: str, channels: int, raw, kinds, head_dim):
+    """unit_of[channel] for the group, its kind and channels per unit; None if it cannot be pruned exactly."""
+    ch = torch.arange(channels)
+    identity = all(idxs == root_idxs for _n, _m, _s, idxs, root_idxs in raw)
+    if head_dim is not None:
+        if not identity or channels % head_dim:
+            graph.excluded.append((root, "attention projections are not aligned with whole heads"))
+            return None, None, None
+        return ch // head_dim, "heads", head_dim
+    tiles = {mod.groups for name, mod, *_ in raw if kinds[name] == "gconv"}
+    if not tiles:
+        return ch, "channels", 1
+    if len(tiles) > 1 or not identity or channels % next(iter(tiles)):
+        graph.excluded.append((root, f"grouped convolutions with different group counts {sorted(tiles)} share it"))
+        return None, None, None
+    n_tiles = next(iter(tiles))
+    return ch % (channels // n_tiles), "tiled", n_tiles
+
+
+def _check_ops(ops, root: str, is_heads: bool) -> None:
+    for node in ops:
+        fn = node.grad_fn
+        op = fn.name() if fn is not None and hasattr(fn, "name") else type(node.module).__name__
+        if node.module.__class__.__name__ in ("_ConcatOp", "_SplitOp", "_ReshapeOp", "_ExpandOp", "_SliceOp",
+                                              "_OutputOp", "_UnbindOp"):
+            continue
+        allowed = op in CHANNEL_SAFE_OPS or (is_heads and op in HEAD_SAFE_OPS)
+        if allowed and op in _REDUCTIONS:
+            dims = getattr(fn, "_saved_dim", ())
+            sizes = getattr(fn, "_saved_self_sym_sizes", ())
+            allowed = not (len(sizes) == 4 and any(int(d) % 4 == 1 for d in dims))
+        if not allowed:
+            raise CompressError(f"cannot group the channels of layer {root}: operation {op} on its path is not "
+                                "known to keep channels separate (architecture not supported by the pruner)")
+
+
+def _module_flops(net: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
+    """fvcore FLOPs per module (own ops only, children excluded) and the total, on `example_input`."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from compress.flops import ATTENTION_HANDLES
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(net, example_input[:1])
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            analysis.set_op_handle(**ATTENTION_HANDLES)
+            by_module = analysis.by_module()
+            total = int(analysis.total())
+    finally:
+        net.train(was_training)
+    own = {}
+    for name, mod in net.named_modules():
+        children = sum(by_module.get(f"{name}.{c}" if name else c, 0) for c, _ in mod.named_children())
+        own[name] = int(by_module.get(name, 0)) - int(children)
+    return own, total
+
+
+def _attention_flops(net: nn.Module, groups: list[ChannelGroup]) -> dict[str, str]:
+    """SplitAttention modules whose own matmul FLOPs scale with a head group: module name -> group id."""
+    out = {}
+    for g in groups:
+        if g.kind == "heads":
+            for m in g.items:
+                parent = m.name.rpartition(".")[0]
+                if isinstance(net.get_submodule(parent), SplitAttention):
+                    out[parent] = g.id
+    return out
