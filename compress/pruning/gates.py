@@ -60,10 +60,7 @@ class Gates:
         self._hooks = []
         for name, plist in parts.items():
             mod = net.get_submodule(name)
-            if isinstance(mod, nn.Linear):
-                site = _Site(mod.in_features, -1)
-            else:
-                site = _Site(mod.in_channels, 1)
+            site = _Site(mod.in_features, -1) if isinstance(mod, nn.Linear) else _Site(mod.in_channels, 1)
             site.parts = plist
             sites[name] = site
             self._hooks.append(mod.register_forward_pre_hook(self._hook(site)))

@@ -224,10 +224,7 @@ def _make_group(graph: GroupGraph, tp_group) -> ChannelGroup | None:
     for item in tp_group:
         node, handler = item.dep.target, item.dep.handler
         mod = node.module
-        if isinstance(mod, nn.Parameter):
-            name = dg._param_to_name.get(mod)
-        else:
-            name = dg._module2name.get(mod)
+        name = dg._param_to_name.get(mod) if isinstance(mod, nn.Parameter) else dg._module2name.get(mod)
         if name is None:
             ops.append(node)
             continue

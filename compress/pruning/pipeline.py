@@ -1,0 +1,247 @@
+"""`compress prune` as a library call: the pipeline every pruning method shares.
+
+dense accuracy/FLOPs → channel groups → method search → masks hitting the FLOPs target (confirmed
+with real fvcore on the slimmed deployable module) → slim → accuracy before fine-tuning → fine-tune
+(weights and prompt) → run directory with model.json "layers"/"widths", weights-only model.pt and
+report.json (design.md keys, per-stage wall times).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.data import DataBundle, load_data
+from compress.deploy import DeployableModule
+from compress.errors import CompressError
+from compress.flops import count_flops, count_params
+from compress.methods.base import PruneContext, SearchResult, get_method
+from compress.pruning.groups import ChannelGroup, find_groups
+from compress.pruning.slim import slim
+from compress.pruning.structure import layer_spec, widths
+from compress.pruning.target import SCOPES, check_ratio, select_masks, smallest_ratio
+from compress.runs import Stopwatch, build_module, build_spec, is_run, load, read_spec
+
+RATIO_TOLERANCE = 0.02
+CALIBRATION_ROUNDS = 4
+
+
+def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, source: str | Path | None = None,
+              model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
+              image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
+              seed: int = 0, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
+              subset: int | None = None, method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
+
+    Returns report.json's content. Bad input raises CompressError before any output is written.
+    """
+    from compress.training import seed_everything
+
+    method_cls = get_method(method)
+    _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size)
+    method_obj = method_cls(**(method_options or {}))
+    watch = Stopwatch()
+    seed_everything(seed)
+
+    start = time.perf_counter()
+    module, spec, bundle = _load_source(source, model, checkpoint, weights, data, image_size, subset, seed)
+    input_size = tuple(module.input_size)
+    dense = {"flops": count_flops(module, input_size), "params": count_params(module),
+             "accuracy": _evaluate(module, bundle)}
+    watch.lap("dense", start)
+
+    start = time.perf_counter()
+    example = module.normalize(module.example_input(1))
+    groups = find_groups(module.net, example)
+    flops_model = groups[0].graph.flops_model if groups else None
+    lowest = smallest_ratio(groups, flops_model, round_to)
+    if flops_ratio < lowest - RATIO_TOLERANCE:
+        raise CompressError(f"--flops-ratio {flops_ratio} is unreachable for {spec['model']} with --round-to "
+                            f"{round_to}: the smallest reachable is {lowest:.4f} (every group at its minimum width)")
+    watch.lap("groups", start)
+
+    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model, flops_ratio=flops_ratio,
+                       scope=scope, round_to=round_to, seed=seed, lr=lr, batch_size=batch_size, stopwatch=watch)
+    start = time.perf_counter()
+    result = method_obj.search(ctx)
+    watch.lap("search", start)
+
+    start = time.perf_counter()
+    if result.prompt is not None:
+        if result.prompt_spec is None:
+            raise ValueError(f"method {method} returned a prompt without its prompt_spec")
+        module.prompt = result.prompt
+    masks, estimate = _choose_masks(module, groups, result, flops_ratio, scope, round_to, dense["flops"])
+    watch.lap("target", start)
+
+    start = time.perf_counter()
+    slim(module.net, groups, masks)
+    flops = count_flops(module, input_size)
+    watch.lap("slim", start)
+    achieved = flops / dense["flops"]
+
+    start = time.perf_counter()
+    accuracy_before = _evaluate(module, bundle)
+    history = []
+    if finetune_epochs:
+        from compress.train import fit
+
+        history = fit(module, bundle, epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                      weight_decay=weight_decay, seed=seed, desc="fine-tune")
+    accuracy = _evaluate(module, bundle)
+    watch.lap("finetune", start)
+
+    new_spec = _pruned_spec(module, spec, bundle, result)
+    report = {
+        "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": seed,
+        "input_size": list(input_size), "accuracy": accuracy, "flops": flops, "params": count_params(module),
+        "method": method, "flops_ratio_target": flops_ratio, "flops_ratio": round(achieved, 6),
+        "dense": dense, "accuracy_before_finetune": accuracy_before, "widths": new_spec["widths"],
+        "flops_ratio_estimate": round(estimate, 6),
+        "flops_ratio_note": _ratio_note(achieved, flops_ratio, round_to),
+        "scope": scope, "round_to": round_to, "finetune_epochs": finetune_epochs, "lr": lr,
+        "batch_size": batch_size, "weight_decay": weight_decay, "subset": subset,
+        "source": str(source) if source is not None else None, "method_options": method_obj.config,
+        "groups": len(groups), "groups_pruned": sum(1 for g in groups if not bool(masks[g.id].all())),
+        "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
+        "search": result.stages, **({"method_report": ctx.report} if ctx.report else {}),
+        "finetune_history": history,
+    }
+    start = time.perf_counter()
+    from compress.runs import write_run
+
+    report["stages_s"] = watch.stages
+    report["wall_time_s"] = watch.total()
+    write_run(out, module, new_spec, report, extras=result.extras)
+    watch.lap("write", start)
+    return report
+
+
+def _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size) -> None:
+    """Everything that can be refused before any work is done."""
+    check_ratio(flops_ratio)
+    if scope not in SCOPES:
+        raise CompressError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if round_to < 1:
+        raise CompressError(f"--round-to must be at least 1, got {round_to}")
+    if finetune_epochs < 0:
+        raise CompressError(f"--finetune-epochs must be ≥ 0, got {finetune_epochs}")
+    if lr <= 0 or batch_size < 1:
+        raise CompressError("--lr must be > 0 and --batch-size ≥ 1")
+    if (source is None) == (model is None):
+        raise CompressError("give exactly one of --from DIR (a trained run) or --model NAME")
+    out_path = Path(out)
+    if out_path.exists() and not (out_path.is_dir() and (is_run(out_path) or not any(out_path.iterdir()))):
+        raise CompressError(f"--out {out_path} exists and is not a run directory; choose another path")
+    if source is not None:
+        read_spec(source)   # refuses a directory that is not a run
+        if out_path.resolve() == Path(source).resolve():
+            raise CompressError("--out must differ from --from (the dense run would be overwritten)")
+
+
+def _load_source(source, model, checkpoint, weights, data, image_size, subset, seed
+                 ) -> tuple[DeployableModule, dict[str, Any], DataBundle]:
+    if source is not None:
+        if checkpoint or weights:
+            raise CompressError("--checkpoint/--weights go with --model, not with --from")
+        module = load(source)
+        spec = module.spec
+        bundle = load_data(data, image_size=spec["input_size"][1], subset=subset, seed=seed)
+        if tuple(bundle.input_size) != tuple(spec["input_size"]):
+            raise CompressError(f"{data} gives inputs of size {tuple(bundle.input_size)} but the model in {source} "
+                                f"takes {tuple(spec['input_size'])}")
+        if bundle.num_classes != spec["num_classes"]:
+            raise CompressError(f"{data} has {bundle.num_classes} classes but the model in {source} has "
+                                f"{spec['num_classes']}")
+        return module.train(), spec, bundle
+
+    from compress.models import create_model, default_adapt
+    from compress.training import _load_checkpoint
+
+    if checkpoint and not Path(checkpoint).is_file():
+        raise CompressError(f"--checkpoint {checkpoint} does not exist")
+    bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
+    size = bundle.input_size[1]
+    adapt = default_adapt(model, size)
+    net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
+    if checkpoint:
+        _load_checkpoint(net, checkpoint)
+    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
+                      data=bundle.spec, classes=bundle.classes)
+    return DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size), spec, bundle
+
+
+def _evaluate(module: nn.Module, bundle: DataBundle) -> float:
+    from compress.train import evaluate
+
+    return evaluate(module, bundle.val)
+
+
+def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int) -> float:
+    """fvcore FLOPs ratio of `module` slimmed by `masks`, measured on a copy (module is untouched)."""
+    trial = copy.deepcopy(module)
+    example = trial.normalize(trial.example_input(1))
+    slim(trial.net, find_groups(trial.net, example), masks)
+    return count_flops(trial, tuple(trial.input_size)) / dense_flops
+
+
+def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: SearchResult, flops_ratio: float,
+                  scope: str, round_to: int, dense_flops: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Masks for the target; returns them and the FLOPs model's estimate of their ratio.
+
+    The FLOPs model is exact for most layers; where it is not (ops it cannot attribute, a prompt's
+    own FLOPs), the target handed to it is corrected by the measured error and masks re-selected,
+    keeping the masks whose real ratio is closest to the target.
+    """
+    if not groups:
+        check_ratio(flops_ratio)
+        if flops_ratio < 1.0:
+            raise CompressError("this model has no prunable channel groups; the only reachable --flops-ratio is 1")
+        return {}, 1.0
+    model = groups[0].graph.flops_model
+    if result.scores is None:
+        if result.masks is None:
+            raise ValueError("a method's SearchResult needs scores or masks")
+        masks = {g.id: result.masks.get(g.id, torch.ones(g.width, dtype=torch.bool)) for g in groups}
+        return masks, model.ratio_of_masks(masks)
+    best, best_err = None, float("inf")
+    aim = flops_ratio
+    for _ in range(CALIBRATION_ROUNDS):
+        masks = select_masks(result.scores, groups, model, aim, scope=scope, round_to=round_to,
+                             normalize=result.normalize)
+        estimate = model.ratio_of_masks(masks)
+        real = real_ratio(module, masks, dense_flops)
+        if abs(real - flops_ratio) < best_err:
+            best, best_err = (masks, estimate), abs(real - flops_ratio)
+        if best_err <= RATIO_TOLERANCE / 4 or abs(real - estimate) < 1e-3:
+            break   # on target, or the model was exact and only round-to granularity is left
+        aim = min(1.0, max(1e-6, aim + (flops_ratio - real)))
+    return best
+
+
+def _ratio_note(achieved: float, target: float, round_to: int) -> str:
+    if abs(achieved - target) <= RATIO_TOLERANCE:
+        return f"within ±{RATIO_TOLERANCE} of the target"
+    return f"closest ratio the group widths allow with --round-to {round_to}"
+
+
+def _pruned_spec(module: DeployableModule, spec: dict[str, Any], bundle: DataBundle,
+                 result: SearchResult) -> dict[str, Any]:
+    """model.json of the slimmed module, checked by rebuilding it and loading its weights."""
+    dense_spec = {**spec, "layers": {}, "prompt": None}
+    reference = build_module(dense_spec).net
+    new_spec = {**spec, "data": bundle.spec, "layers": layer_spec(module.net, reference),
+                "widths": widths(module.net)}
+    if result.prompt_spec is not None:
+        new_spec["prompt"] = result.prompt_spec
+    rebuilt = build_module(new_spec)
+    try:
+        rebuilt.load_state_dict(module.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the recorded structure does not rebuild the pruned model: {exc}") from None
+    return new_spec
