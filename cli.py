@@ -100,6 +100,8 @@ def models() -> None:
               "times faster than the first target (e.g. 1.2).")
 @click.option("--alpha", default=0.01, show_default=True, type=float, help="Significance level of the gate's "
               "Mann-Whitney U test.")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), help="How CPU runs are timed: wall clock, or the "
+              "calling thread's CPU time (needs --threads 1; immune to preemption on shared machines)  [default: wall]")
 @click.option("--warmup", default=0.2, show_default=True, type=float, help="Warm-up seconds per target (>= 5 runs).")
 @click.option("--duration", default=2.0, show_default=True, type=float,
               help="Minimum measured seconds per target, backend and batch size.")

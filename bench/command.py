@@ -14,7 +14,7 @@ from bench.compare import pair_with_baseline
 from bench.gate import Gate, Verdict, judge_all, pairs_against_saved, verdict_line
 from bench.host import physical_cores
 from bench.measure import Result, Settings
-from bench.report import load_results, table, to_json, write_json
+from bench.report import load_saved, table, to_json, write_json
 from bench.runners import parse_backends
 from bench.session import BenchRun, benchmark
 from bench.targets import Target, resolve_targets
@@ -34,20 +34,22 @@ def parse_batch_sizes(spec: str) -> list[int]:
 def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_size: str | None = None,
                   threads: int | None = None, json_path: str | None = None, plot: str | None = None,
                   baseline: str | None = None, max_regression: float | None = None,
-                  min_speedup: float | None = None, alpha: float = 0.01, warmup: float = 0.2,
+                  min_speedup: float | None = None, alpha: float = 0.01, clock: str | None = None, warmup: float = 0.2,
                   duration: float = 2.0, min_iters: int = 10, out: Console | None = None) -> BenchRun:
     """Run one bench; raises CheckFailed (exit 1) after writing all output when the gate fails."""
     out = out or _stdout()
+    if threads is not None and threads < 1:
+        raise CompressError(f"--threads must be >= 1, got {threads}")
     gate = _gate(targets, baseline, max_regression, min_speedup, alpha)
-    saved = load_results(baseline) if baseline else None
+    saved, saved_settings = load_saved(baseline) if baseline else (None, {})
     backends = parse_backends(backend)
     sizes = parse_batch_sizes(batch_size) if batch_size else None
     if saved is not None:  # gate against a file: measure what it measured, unless told otherwise
-        backends = backends or list(dict.fromkeys(r.backend for r in saved))
+        backends = backends or parse_backends(",".join(dict.fromkeys(r.backend for r in saved)))
         sizes = sizes or list(dict.fromkeys(r.batch_size for r in saved))
-        threads = threads or _saved_threads(baseline)
-    if threads is not None and threads < 1:
-        raise CompressError(f"--threads must be >= 1, got {threads}")
+        saved_threads = saved_settings.get("threads")
+        threads = threads or (saved_threads if isinstance(saved_threads, int) and saved_threads > 0 else None)
+        clock = clock or saved_settings.get("clock")
     if warmup < 0 or duration <= 0 or min_iters < 1:
         raise CompressError("--warmup must be >= 0, --duration > 0 and --min-iters >= 1")
     if plot and Path(plot).suffix.lower() != ".png":
@@ -56,8 +58,8 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     if plot and not any(t.flops for t in resolved):
         raise CompressError("--plot draws latency against FLOPs, and no target records FLOPs (ONNX files "
                             "without export metadata and engine files have none)")
-    settings = Settings(threads=threads or physical_cores(), warmup_s=warmup, min_time_s=duration,
-                        min_iters=min_iters)
+    settings = Settings(threads=threads or (1 if clock == "cpu" else physical_cores()), warmup_s=warmup,
+                        min_time_s=duration, min_iters=min_iters, clock=clock or "wall")
 
     run = _measure(resolved, backends, sizes or [1], settings)
     verdicts = _judge(run, gate, saved)
@@ -99,13 +101,6 @@ def _gate(targets: Sequence[str], baseline: str | None, max_regression: float | 
     if baseline is None and len(targets) < 2:
         raise CompressError("the latency gate needs a baseline: give BASE NEW targets, or --baseline FILE")
     return gate
-
-
-def _saved_threads(path: str) -> int | None:
-    import json
-
-    threads = json.loads(Path(path).read_text()).get("settings", {}).get("threads")
-    return int(threads) if isinstance(threads, int) and threads > 0 else None
 
 
 def _measure(targets: list[Target], backends: list[str] | None, sizes: list[int], settings: Settings) -> BenchRun:

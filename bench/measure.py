@@ -17,6 +17,7 @@ import numpy as np
 from bench.runners import Runner
 from bench.stats import Summary, summarize
 from bench.targets import Target
+from compress.errors import CompressError
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,19 @@ class Settings:
     min_time_s: float = 2.0
     min_iters: int = 10
     max_iters: int = 20_000
-    block_s: float = 0.05
+    block_s: float = 0.01
+    clock: str = "wall"  # or "cpu": thread CPU time, one thread only (bench.runners.CLOCKS)
 
     def __post_init__(self):
         if self.threads < 1:
-            raise ValueError("threads must be >= 1")
+            raise CompressError(f"--threads must be >= 1, got {self.threads}")
         if self.min_iters < 1 or self.max_iters < self.min_iters:
-            raise ValueError("need 1 <= min_iters <= max_iters")
+            raise CompressError("need 1 <= --min-iters <= max iterations")
+        if self.clock not in ("wall", "cpu"):
+            raise CompressError(f"--clock must be wall or cpu, got {self.clock!r}")
+        if self.clock == "cpu" and self.threads != 1:
+            raise CompressError("--clock cpu measures the calling thread's CPU time, so it needs --threads 1 "
+                                f"(got {self.threads})")
 
 
 @dataclass
@@ -122,4 +129,4 @@ def to_result(c: Contender, backend: str, batch_size: int) -> Result:
     samples = np.concatenate(c.samples)
     return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
                   summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
-                  device=c.runner.device, timing=c.runner.timing, cold_start_ms=c.cold_start_ms, load_ms=c.load_ms)
+                  device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms)

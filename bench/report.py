@@ -84,6 +84,11 @@ def write_json(doc: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def load_results(path: str | os.PathLike) -> list[Result]:
     """Results of a saved `--json` file, samples included (what the gate compares against)."""
+    return load_saved(path)[0]
+
+
+def load_saved(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
+    """(results, settings) of a saved `--json` file; one-line CompressError when it is not one."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -107,7 +112,8 @@ def load_results(path: str | os.PathLike) -> list[Result]:
                           flops=row["flops"], params=row["params"], device=row.get("device", "?"),
                           timing=row.get("timing", "?"), cold_start_ms=row.get("cold_start_ms", math.nan),
                           load_ms=row.get("load_ms", math.nan)))
-    return out
+    settings = doc.get("settings")
+    return out, settings if isinstance(settings, dict) else {}
 
 
 def human(n: float | None) -> str:
@@ -122,7 +128,8 @@ def human(n: float | None) -> str:
 def table(run: BenchRun) -> Table:
     """One row per target × backend × batch size, with speedup and fidelity against the baseline."""
     ups = {(s.target, s.backend, s.batch_size): s for s in run.speedups}
-    t = Table(title=f"compress bench — baseline {run.baseline}, {run.settings['threads']} thread(s)",
+    t = Table(title=f"compress bench — baseline {run.baseline}, {run.settings['threads']} thread(s), "
+                    f"{run.settings['clock']} clock",
               caption=f"FLOPs: fvcore MACs at batch 1. CV > {UNSTABLE_CV:.0%} is flagged unstable. "
                       "Speedup: baseline median ÷ median \\[bootstrap 95% CI]; fidelity: speedup ÷ FLOPs reduction.")
     for name, justify in (("target", "left"), ("backend", "left"), ("batch", "right"), ("median ms", "right"),

@@ -70,12 +70,15 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
             if (reason := cls.unavailable()) is not None:
                 skip(backend, None, reason)
                 continue
+            if settings.clock == "cpu" and cls.device != "cpu":
+                skip(backend, None, "--clock cpu times CPU backends only (GPU backends use CUDA events)")
+                continue
             contenders = []
             for target in targets:
                 if (reason := cls.rejects(target)) is not None:
                     skip(backend, target.label, reason)
                     continue
-                runner = cls(settings.threads, Path(scratch))
+                runner = cls(settings.threads, Path(scratch), settings.clock)
                 start = time.perf_counter()
                 runner.load(target)
                 contenders.append(Contender(target, runner, load_ms=(time.perf_counter() - start) * 1000))

@@ -68,6 +68,7 @@ def test_plot_of_a_run_directory(files, tmp_path):
     (["{run}", "--plot", "{root}/p.svg"], "ending in .png"),
     (["{root}/missing"], "does not exist"),
     (["{dyn}", "--threads", "0"], "--threads must be >= 1"),
+    (["{dyn}", "--clock", "cpu", "--threads", "2"], "needs --threads 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, args, message):
     r = bench(*[a.format(**files) for a in args], *QUICK[2:])

@@ -103,6 +103,21 @@ def test_torch_and_ort_runners_agree_on_outputs(files, tmp_path):
         assert times.shape == (4,) and np.all(times > 0)
 
 
+def test_cpu_clock_times_the_calling_thread(files, tmp_path):
+    """With --clock cpu every CPU backend records thread CPU time; GPU backends are skipped, not mixed in."""
+    targets = resolve_targets([files["dyn"]])
+    skipped = []
+    run = benchmark(targets, backends=["onnxruntime", "ort-cuda"], settings=replace(FAST, clock="cpu"),
+                    on_skip=skipped.append)
+    (result,) = run.results
+    assert "CPU time" in result.timing and np.all(result.samples_ms > 0)
+    assert [s.backend for s in skipped] == ["ort-cuda"]
+    with pytest.raises(CompressError, match="needs --threads 1"):
+        Settings(threads=2, clock="cpu")
+    with pytest.raises(CompressError, match="unknown clock"):
+        OrtRunner(1, tmp_path, clock="tsc")
+
+
 def test_fixed_batch_onnx_refuses_other_batch_sizes(files, tmp_path):
     targets = resolve_targets([files["fixed"]])
     with pytest.raises(CompressError, match="fixed batch size of 1 and cannot run batch size 8"):
