@@ -30,7 +30,8 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         if init.data_type == TensorProto.FLOAT and init.name not in keep_fp32:
             init.CopyFrom(_to_fp16(init))
     for node in graph.node:
-        _convert_node(node)
+        if not (node.op_type == "Constant" and node.output[0] in keep_fp32):
+            _convert_node(node)
     prologue = _cast_inputs(graph)
     epilogue = _cast_outputs(graph)
     nodes = prologue + list(graph.node) + epilogue

@@ -24,17 +24,19 @@ from compress.flops import count_params
 from compress.models import default_adapt
 from compress.runs import build_module, build_spec, write_run
 from export import OnnxRunner, onnx_input_shape, read_metadata, require_batch_size, to_onnx
-from export.parity import FP32_TOLERANCE, compare
+from export.fp16 import convert_to_fp16
+from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, compare
 
 SIZE = 32
 
 
-def make_run(root: Path, model: str, *, size: int = SIZE, report: dict | None = None, seed: int = 0) -> Path:
-    """A run directory of `model` with seeded, untrained weights (zero-initialised heads randomised,
-    since an all-zero output would make any parity check trivially pass)."""
+def make_run(root: Path, model: str, *, size: int = SIZE, report: dict | None = None, seed: int = 0,
+             prompt: dict | None = None, name: str | None = None) -> Path:
+    """A run directory of `model` with seeded, untrained weights (zero-initialised heads and prompts
+    randomised, since an all-zero output would make any parity check trivially pass)."""
     spec = build_spec(model, 10, (3, size, size), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26],
-                      adapt=default_adapt(model, size),
-                      data="synthetic")
+                      adapt=default_adapt(model, size), data="synthetic")
+    spec["prompt"] = prompt
     torch.manual_seed(seed)
     module = build_module(spec)
     with torch.no_grad():
@@ -43,7 +45,7 @@ def make_run(root: Path, model: str, *, size: int = SIZE, report: dict | None = 
                 p.normal_(0, 0.05)
     base = {"command": "train", "model": model, "data": "synthetic", "seed": seed, "input_size": [3, size, size],
             "wall_time_s": 0.0, "accuracy": 0.1, "params": count_params(module)}
-    return write_run(root / model, module, spec, {**base, **(report or {})})
+    return write_run(root / (name or model), module, spec, {**base, **(report or {})})
 
 
 def run_cli(*args):
@@ -151,6 +153,40 @@ def test_parity_on_real_validation_images(digits_run, tmp_path):
     meta = read_metadata(out)
     assert meta["method"] == "dense" and json.loads(meta["flops_ratio"]) == 1.0
     assert json.loads(meta["flops"]) == json.loads((digits_run / "report.json").read_text())["flops"]
+
+
+@pytest.fixture(scope="module")
+def prompted_run(runs) -> Path:
+    """resnet20 behind a pad visual prompt (bilinear resize + learnt frame + clamp)."""
+    return make_run(runs, "resnet20", prompt={"kind": "pad", "image_size": SIZE, "size": 3}, name="prompted")
+
+
+def test_visual_prompt_is_part_of_the_graph(prompted_run, tmp_path):
+    run_dir = prompted_run
+    out = tmp_path / "prompted.onnx"
+    assert run_cli(run_dir, "--out", out, "--dynamic-batch").exit_code == 0
+    assert "Resize" in {n.op_type for n in onnx.load(str(out)).graph.node}  # the pad prompt's inner resize
+    assert read_metadata(out)["prompt"] == "true"
+    assert independent_parity(run_dir, out, 3) <= FP32_TOLERANCE
+
+
+def test_fp16_graph_for_strongly_typed_tensorrt(prompted_run, tmp_path):
+    """The TensorRT 11 fp16 path converts the graph first; ONNX Runtime (CPU) can run the result too.
+    Resize's scales must stay fp32 (the ONNX spec fixes their type)."""
+    path = to_onnx(compress.load(prompted_run), tmp_path / "fp32.onnx", dynamic_batch=True, check=False).path
+    half = convert_to_fp16(onnx.load(str(path)))
+    onnx.checker.check_model(half)
+    weights = [t for t in half.graph.initializer if len(t.dims) >= 2]  # conv and linear weights
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    io_types = [i.type.tensor_type.elem_type for i in (*half.graph.input, *half.graph.output)]
+    assert io_types == [onnx.TensorProto.FLOAT] * 2
+    onnx.save_model(half, str(tmp_path / "fp16.onnx"))
+    x = np.random.default_rng(0).random((5, 3, SIZE, SIZE), dtype=np.float32)
+    ref = OnnxRunner(path)(x)
+    got = OnnxRunner(tmp_path / "fp16.onnx")(x)
+    assert got.dtype == np.float32
+    p = compare(ref, got, FP16_TOLERANCE)
+    assert p.passed and p.max_rel > 1e-6, p  # close, and really computed in half precision
 
 
 # ------------------------------------------------------------------ acceptance 3: a broken export is caught
