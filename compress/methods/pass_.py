@@ -1,0 +1,304 @@
+"""PASS (arXiv 2407.17412): a visual prompt and a recurrent hypernetwork locate the channel masks.
+
+Search: the backbone is frozen (weights and BN statistics, bit for bit); the prompt, the prompt encoder
+and the LSTM hypernetwork are trained jointly with Adam on the task loss of the *gated* network plus
+λ·|log(FLOPs ratio of the sampled masks / target)| (the engine's analytic FLOPs model, differentiable
+through the straight-through masks). The hypernetwork's deterministic channel logits are then ranked
+globally and projected exactly onto the target; slimming and fine-tuning follow in the common pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.data import DataBundle, iterate_batches
+from compress.deploy import DeployableModule
+from compress.errors import CompressError
+from compress.methods.base import Method, MethodOption, PruneContext, register
+from compress.methods.base import SearchResult as MethodResult
+from compress.methods.hypernet import (
+    GroupStats,
+    HypernetConfig,
+    MaskHypernet,
+    check_compatible,
+    group_signature,
+    group_statistics,
+    prompt_tensor,
+)
+from compress.progress import EpochBar, progress_bars
+from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
+from compress.pruning.flops_model import FlopsModel
+from compress.pruning.gates import Gates
+from compress.pruning.groups import ChannelGroup
+from compress.train import evaluate
+
+HYPERNET_FILE = "hypernet.pt"
+SEARCH_BN = ("running", "batch")
+
+
+@dataclass
+class PassOptions:
+    """Every knob of the search (CLI flags of `--method pass`)."""
+
+    search_epochs: int = 5
+    hypernet_lr: float = 5e-3
+    prompt_lr: float = 1e-2
+    lam: float = 2.0                     # weight of the FLOPs penalty
+    temp_start: float = 1.0              # Gumbel-sigmoid temperature, annealed geometrically …
+    temp_end: float = 0.2                # … to this value over the search
+    hidden: int = 64
+    mask_embed: int = 16
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    search_bn: str = "running"
+    hypernet_from: str | None = None
+
+    def check(self) -> None:
+        if self.search_epochs < 1:
+            raise CompressError(f"--hypernet-epochs must be at least 1, got {self.search_epochs}")
+        if self.hypernet_lr <= 0 or self.prompt_lr < 0:
+            raise CompressError("--hypernet-lr must be > 0 and --hypernet-prompt-lr ≥ 0")
+        if self.lam < 0:
+            raise CompressError(f"--flops-lambda must be ≥ 0, got {self.lam}")
+        if not 0 < self.temp_end <= self.temp_start:
+            raise CompressError(f"need 0 < --temp-end ≤ --temp-start, got {self.temp_end} and {self.temp_start}")
+        if self.search_bn not in SEARCH_BN:
+            raise CompressError(f"--hypernet-bn must be one of {', '.join(SEARCH_BN)}, got {self.search_bn!r}")
+        if self.hidden < 1 or self.mask_embed < 1 or self.batch_size < 1:
+            raise CompressError("--hypernet-hidden, --mask-embed and --batch-size must be positive")
+
+
+@dataclass
+class SearchResult:
+    hypernet: MaskHypernet
+    stats: GroupStats
+    scores: dict[str, torch.Tensor]             # deterministic logits per group id (for global ranking)
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_times_s: list[float] = field(default_factory=list)
+    transferred_from: str | None = None
+
+    def report(self) -> dict[str, Any]:
+        """What report.json records about the search (the hypernetwork's config included)."""
+        n = max(1, len(self.epoch_times_s))
+        return {"hypernet": self.hypernet.config.to_dict(), "hypernet_file": HYPERNET_FILE,
+                "hypernet_from": self.transferred_from, "search_history": self.history,
+                "search_epoch_s": [round(t, 3) for t in self.epoch_times_s],
+                "search_epoch_s_mean": round(sum(self.epoch_times_s) / n, 3)}
+
+    def extras(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Weights-only files for the run directory."""
+        return {HYPERNET_FILE: {k: v.detach().cpu().contiguous() for k, v in self.hypernet.state_dict().items()}}
+
+
+def temperature(step: int, total: int, start: float, end: float) -> float:
+    """Geometric annealing from `start` (step 0) to `end` (last step)."""
+    if total <= 1:
+        return end
+    return start * (end / start) ** (min(step, total - 1) / (total - 1))
+
+
+def flops_penalty(ratio: torch.Tensor, target: float) -> torch.Tensor:
+    """|log(ratio / target)|: symmetric in over- and undershoot, scale-free across targets."""
+    return (ratio.clamp_min(1e-6).log() - math.log(target)).abs()
+
+
+@contextmanager
+def frozen_backbone(module: DeployableModule, bn: str = "running") -> Iterator[None]:
+    """Backbone weights get no gradient and leave the search bit for bit unchanged; the prompt trains.
+
+    bn="running": BN layers run in eval mode with the dense running statistics. bn="batch": BN
+    normalises with the statistics of each (gated) batch, as the network will after fine-tuning
+    recalibrates it, and every buffer is restored on exit. The prompt stays in training mode: its
+    clamp passes gradients at the [0, 1] bounds only then."""
+    if bn not in SEARCH_BN:
+        raise CompressError(f"--hypernet-bn must be one of {', '.join(SEARCH_BN)}, got {bn!r}")
+    net = module.net
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    was_training = module.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    module.train()
+    if bn == "running":
+        net.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in net.named_buffers():
+                v.copy_(buffers[k])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def new_hypernet(groups: list[ChannelGroup], use_prompt: bool, target: float, opts: PassOptions) -> MaskHypernet:
+    """A fresh hypernetwork whose initial masks keep about √target of each group (FLOPs ≈ target)."""
+    config = HypernetConfig(groups=group_signature(groups), hidden=opts.hidden, mask_embed=opts.mask_embed,
+                            use_prompt=use_prompt)
+    return MaskHypernet(config, init_keep=math.sqrt(target))
+
+
+def load_hypernet(run_dir: str | Path, groups: list[ChannelGroup], use_prompt: bool) -> MaskHypernet:
+    """The hypernetwork saved by an earlier PASS run (`--hypernet-from`), checked against this model."""
+    from compress.runs import load_state, read_report
+
+    d = Path(run_dir)
+    if not (d / HYPERNET_FILE).is_file():
+        raise CompressError(f"--hypernet-from {d}: no {HYPERNET_FILE} there (it must be a run written by "
+                            "`compress prune --method pass`)")
+    report = read_report(d)
+    saved = report.get("method_report", {}).get("hypernet")
+    if report.get("method") != "pass" or saved is None:
+        raise CompressError(f"--hypernet-from {d}: its report.json records no PASS hypernetwork")
+    config = HypernetConfig.from_dict(saved)
+    check_compatible(config, groups, use_prompt, str(d))
+    hyper = MaskHypernet(config)
+    try:
+        hyper.load_state_dict(load_state(d / HYPERNET_FILE), strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CompressError(f"--hypernet-from {d}: {HYPERNET_FILE} does not match its config: {first}") from None
+    return hyper
+
+
+def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup], target: float,
+           opts: PassOptions, seed: int = 0) -> SearchResult:
+    """Train prompt + encoder + hypernetwork on the frozen, gated backbone; return the channel scores.
+
+    `module.prompt` (an `nn.Identity` for `--prompt none`) is trained in place; `module.net` is unchanged.
+    """
+    opts.check()
+    prompt = module.prompt if prompt_tensor(module.prompt) is not None else None
+    use_prompt = prompt is not None
+    if opts.hypernet_from:
+        hyper = load_hypernet(opts.hypernet_from, groups, use_prompt)
+    else:
+        hyper = new_hypernet(groups, use_prompt, target, opts)
+    stats = group_statistics(module.net, groups)
+    flops = FlopsModel.for_groups(groups)
+    param_groups = [{"params": list(hyper.parameters()), "lr": opts.hypernet_lr}]
+    if prompt is not None and opts.prompt_lr > 0:
+        param_groups.append({"params": list(prompt.parameters()), "lr": opts.prompt_lr})
+    opt = torch.optim.Adam(param_groups, weight_decay=opts.weight_decay)
+    trained = [p for g in param_groups for p in g["params"]]
+    steps_per_epoch = math.ceil(len(data.train) / opts.batch_size)
+    total = opts.search_epochs * steps_per_epoch
+    noise = torch.Generator().manual_seed(seed)
+    criterion = nn.CrossEntropyLoss()
+    history, times = [], []
+    step = 0
+    hyper.train()
+    with frozen_backbone(module, opts.search_bn), Gates(module.net, groups) as gates, progress_bars() as progress:
+        for epoch in range(opts.search_epochs):
+            t0 = time.perf_counter()
+            bar = EpochBar(progress, f"pass search {epoch + 1}/{opts.search_epochs}", steps_per_epoch)
+            sums = {"loss": 0.0, "task": 0.0, "ratio": 0.0, "correct": 0.0}
+            seen = batches = 0
+            for x, y in iterate_batches(data.train, opts.batch_size, shuffle=True, seed=seed * 1000 + epoch,
+                                        augment=True):
+                tau = temperature(step, total, opts.temp_start, opts.temp_end)
+                sample = hyper(prompt_tensor(prompt), stats, tau=tau, noise=True, generator=noise)
+                gates.set(dict(zip(stats.ids, sample.masks, strict=True)))
+                logits = module(x)
+                task = criterion(logits, y)
+                ratio = flops.ratio_of_fractions(sample.fractions())
+                loss = task + opts.lam * flops_penalty(ratio, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trained, opts.grad_clip)
+                opt.step()
+                step += 1
+                batches += 1
+                seen += len(y)
+                sums["loss"] += loss.item()
+                sums["task"] += task.item()
+                sums["ratio"] += ratio.item()
+                sums["correct"] += float((logits.argmax(1) == y).sum())
+                bar.advance(f"task {sums['task'] / batches:.3f}  flops {sums['ratio'] / batches:.3f}  τ {tau:.2f}")
+            times.append(time.perf_counter() - t0)
+            record = {"epoch": epoch + 1, "loss": round(sums["loss"] / batches, 5),
+                      "task_loss": round(sums["task"] / batches, 5), "flops_ratio": round(sums["ratio"] / batches, 5),
+                      "train_acc": round(sums["correct"] / max(1, seen), 5), "temperature": round(tau, 4),
+                      "time_s": round(times[-1], 3)}
+            history.append(record)
+            bar.done(f"task {record['task_loss']:.4f}  flops {record['flops_ratio']:.3f}  "
+                     f"acc {record['train_acc']:.4f}  {record['time_s']:.1f}s")
+    hyper.eval()
+    scores = hyper.scores(prompt_tensor(prompt), stats)
+    return SearchResult(hyper, stats, scores, history, times, opts.hypernet_from)
+
+
+# ---------------------------------------------------------------- the method
+
+
+def ensure_prompt(module: DeployableModule, kind: str, size: int | None) -> nn.Module | None:
+    """The prompt PASS trains: the module's own (a source run that has one), a new one of `kind`, or None."""
+    if prompt_tensor(module.prompt) is not None:
+        return module.prompt
+    prompt = make_prompt(kind, module.input_size[1], size)
+    if prompt is not None:
+        module.prompt = prompt
+    return prompt
+
+
+@register
+class Pass(Method):
+    name = "pass"
+    summary = "visual prompt + recurrent hypernetwork over channel groups emits the masks (PASS, 2024)"
+    options = (
+        MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind; none = hypernetwork from a zero state"),
+        MethodOption("--prompt-size", int, None, "pad prompt frame width in px  [default: 16 px at 224 px, scaled]"),
+        MethodOption("--hypernet-epochs", int, PassOptions.search_epochs, "epochs of hypernetwork + prompt training "
+                     "(backbone frozen)"),
+        MethodOption("--hypernet-lr", float, PassOptions.hypernet_lr, "Adam learning rate of encoder + LSTM + heads"),
+        MethodOption("--hypernet-prompt-lr", float, PassOptions.prompt_lr, "Adam learning rate of the prompt during "
+                     "the search"),
+        MethodOption("--flops-lambda", float, PassOptions.lam, "weight λ of the FLOPs penalty |log(ratio / target)|"),
+        MethodOption("--temp-start", float, PassOptions.temp_start, "Gumbel-sigmoid temperature at the start"),
+        MethodOption("--temp-end", float, PassOptions.temp_end, "temperature at the end (geometric annealing)"),
+        MethodOption("--hypernet-hidden", int, PassOptions.hidden, "LSTM hidden size (also the prompt embedding size)"),
+        MethodOption("--mask-embed", int, PassOptions.mask_embed, "size of the previous-mask embedding"),
+        MethodOption("--hypernet-bn", SEARCH_BN, PassOptions.search_bn, "BN during the search: dense running "
+                     "statistics, or each gated batch's own (buffers restored)"),
+        MethodOption("--hypernet-from", str, None, "PASS run directory whose hypernetwork to start from "
+                     "(same architecture: channel group ids and widths must match)"),
+    )
+
+    def settings(self, batch_size: int) -> PassOptions:
+        c = self.config
+        return PassOptions(search_epochs=c["hypernet_epochs"], hypernet_lr=c["hypernet_lr"],
+                           prompt_lr=c["hypernet_prompt_lr"], lam=c["flops_lambda"], temp_start=c["temp_start"],
+                           temp_end=c["temp_end"], hidden=c["hypernet_hidden"], mask_embed=c["mask_embed"],
+                           batch_size=batch_size, search_bn=c["hypernet_bn"], hypernet_from=c["hypernet_from"])
+
+    def search(self, ctx: PruneContext) -> MethodResult:
+        opts = self.settings(ctx.batch_size)
+        opts.check()
+        if opts.hypernet_from and not Path(opts.hypernet_from).is_dir():
+            raise CompressError(f"--hypernet-from {opts.hypernet_from} is not a directory")
+        prompt = ensure_prompt(ctx.module, self.config["prompt"], self.config["prompt_size"])
+        start = time.perf_counter()
+        found = search(ctx.module, ctx.data, ctx.groups, ctx.flops_ratio, opts, seed=ctx.seed)
+        wall = ctx.stopwatch.lap("hypernet_search", start)
+        masks = ctx.select_masks(found.scores, normalize=False)
+        with ctx.gates() as gates:
+            gates.set_masks(masks)
+            accuracy = evaluate(ctx.module, ctx.data.val)
+        ctx.report.update(found.report())
+        stage = {"wall_s": wall, "epochs": opts.search_epochs, "epoch_time_s": found.report()["search_epoch_s_mean"],
+                 "accuracy_masked": accuracy, "flops_ratio_estimate": ctx.flops_model.ratio_of_masks(masks),
+                 "history": found.history}
+        return MethodResult(scores=found.scores, normalize=False, prompt=prompt, prompt_spec=prompt_spec(prompt),
+                            stages={"hypernet_search": stage}, extras=found.extras())

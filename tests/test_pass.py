@@ -1,0 +1,157 @@
+"""PASS: hypernetwork masks, gradients, FLOPs penalty, prompt dependence, frozen backbone, reuse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compress.data import load_data
+from compress.deploy import DeployableModule
+from compress.errors import CompressError
+from compress.methods.hypernet import (
+    HypernetConfig,
+    MaskHypernet,
+    check_compatible,
+    group_signature,
+    group_statistics,
+    prompt_tensor,
+)
+from compress.methods.pass_ import PassOptions, flops_penalty, frozen_backbone, new_hypernet, search, temperature
+from compress.prompt import make_prompt
+from compress.pruning.flops_model import FlopsModel
+from compress.pruning.gates import Gates
+from compress.pruning.groups import find_groups
+
+
+def toy_net(widths=(8, 16, 12)) -> nn.Module:
+    torch.manual_seed(0)
+    a, b, c = widths
+    return nn.Sequential(
+        nn.Conv2d(3, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU(),
+        nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+        nn.Conv2d(b, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+@pytest.fixture()
+def toy():
+    net = toy_net()
+    groups = find_groups(net, torch.rand(1, 3, 16, 16))
+    module = DeployableModule(net, [0.5] * 3, [0.25] * 3, prompt=make_prompt("pad", 16, 2), input_size=(3, 16, 16))
+    return module, groups
+
+
+def hypernet_for(groups, use_prompt=True, init_keep=0.5, hidden=16) -> MaskHypernet:
+    torch.manual_seed(1)
+    return MaskHypernet(HypernetConfig(groups=group_signature(groups), hidden=hidden, use_prompt=use_prompt),
+                        init_keep=init_keep)
+
+
+def test_masks_have_one_binary_entry_per_group_unit(toy):
+    module, groups = toy
+    stats = group_statistics(module.net, groups)
+    out = hypernet_for(groups)(prompt_tensor(module.prompt), stats, tau=0.5, noise=True)
+    assert [m.shape for m in out.masks] == [(g.width,) for g in groups]
+    assert [lg.shape for lg in out.logits] == [(g.width,) for g in groups]
+    for m in out.masks:
+        assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+    assert stats.stats.shape == (len(groups), stats.stats.shape[1]) and torch.isfinite(stats.stats).all()
+
+
+def test_gradients_reach_prompt_encoder_and_lstm(toy):
+    module, groups = toy
+    with torch.no_grad():
+        module.prompt.delta.uniform_(-0.2, 0.2)    # a zero prompt gives the first conv's weights no gradient
+    hyper = hypernet_for(groups)
+    stats = group_statistics(module.net, groups)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with frozen_backbone(module), Gates(module.net, groups) as gates:
+        sample = hyper(prompt_tensor(module.prompt), stats, tau=1.0, noise=True)
+        gates.set(dict(zip(stats.ids, sample.masks, strict=True)))
+        ratio = FlopsModel.for_groups(groups).ratio_of_fractions(sample.fractions())
+        loss = nn.functional.cross_entropy(module(x), y) + flops_penalty(ratio, 0.3)
+        loss.backward()
+    named = dict(hyper.named_parameters())
+    for name in ("encoder.convs.0.weight", "encoder.convs.2.weight", "encoder.convs.4.weight", "encoder.out.weight",
+                 "lstm.weight_ih", "lstm.weight_hh", "mask_embed.weight", "heads.0.weight", "channel_gain.weight"):
+        assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
+    assert module.prompt.delta.grad is not None and module.prompt.delta.grad.abs().sum() > 0
+    assert all(p.grad is None for p in module.net.parameters())
+
+
+def test_flops_penalty_pulls_sampled_flops_to_target(toy):
+    module, groups = toy
+    flops = FlopsModel.for_groups(groups)
+    stats = group_statistics(module.net, groups)
+    hyper = hypernet_for(groups, init_keep=0.95)
+    opt = torch.optim.Adam(hyper.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(0)
+    target = 0.3
+
+    def sampled_ratio() -> float:
+        with torch.no_grad():
+            return sum(float(flops.ratio_of_fractions(hyper(None, stats, 0.5, True, g).fractions()))
+                       for _ in range(8)) / 8
+
+    before = sampled_ratio()
+    for _ in range(60):
+        ratio = flops.ratio_of_fractions(hyper(prompt_tensor(module.prompt), stats, 0.5, True, g).fractions())
+        opt.zero_grad()
+        flops_penalty(ratio, target).backward()
+        opt.step()
+    after = sampled_ratio()
+    assert before > 0.7
+    assert abs(after - target) < 0.1 < abs(before - target)
+
+
+def test_logits_depend_on_the_prompt_and_not_without_one(toy):
+    module, groups = toy
+    stats = group_statistics(module.net, groups)
+    hyper = hypernet_for(groups).eval()
+    a = hyper.scores(prompt_tensor(module.prompt), stats)
+    with torch.no_grad():
+        module.prompt.delta.add_(0.5)
+    b = hyper.scores(prompt_tensor(module.prompt), stats)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    plain = hypernet_for(groups, use_prompt=False).eval()
+    assert plain.encoder is None
+    s1, s2 = plain.scores(None, stats), plain.scores(prompt_tensor(module.prompt), stats)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_temperature_anneals_from_start_to_end():
+    assert temperature(0, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert temperature(9, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert temperature(4, 10, 1.0, 0.1) == pytest.approx(0.1 ** (4 / 9))
+    assert flops_penalty(torch.tensor(0.6), 0.3) == pytest.approx(math.log(2))
+
+
+def test_search_leaves_backbone_bitwise_unchanged_and_trains_prompt(toy):
+    module, groups = toy
+    data = load_data("synthetic:60", image_size=16)
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    prompt_before = module.prompt.delta.detach().clone()
+    result = search(module, data, groups, 0.4, PassOptions(search_epochs=2, batch_size=16, hidden=16), seed=0)
+    after = module.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)      # BN running stats included
+    assert all(p.requires_grad for p in module.net.parameters())       # unfrozen again for fine-tuning
+    assert not torch.equal(prompt_before, module.prompt.delta.detach())
+    assert set(result.scores) == {g.id for g in groups}
+    assert [result.scores[g.id].shape for g in groups] == [(g.width,) for g in groups]
+    assert len(result.history) == 2 and len(result.epoch_times_s) == 2
+    assert set(result.extras()["hypernet.pt"]) == set(result.hypernet.state_dict())
+
+
+def test_saved_hypernet_must_match_groups_and_prompt(toy):
+    module, groups = toy
+    hyper = new_hypernet(groups, True, 0.5, PassOptions(hidden=16))
+    config = HypernetConfig.from_dict(hyper.config.to_dict())
+    check_compatible(config, groups, True, "src")
+    with pytest.raises(CompressError, match="trained with a prompt"):
+        check_compatible(config, groups, False, "src")
+    other = find_groups(toy_net((8, 16, 10)), torch.rand(1, 3, 16, 16))
+    with pytest.raises(CompressError, match="does not fit"):
+        check_compatible(config, other, True, "src")
