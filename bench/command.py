@@ -12,7 +12,7 @@ from rich.console import Console
 
 from bench.compare import pair_with_baseline
 from bench.gate import Gate, Verdict, judge_all, pairs_against_saved, verdict_line
-from bench.host import physical_cores
+from bench.host import busy_warning, physical_cores
 from bench.measure import Result, Settings
 from bench.report import load_saved, table, to_json, write_json
 from bench.runners import parse_backends
@@ -61,6 +61,10 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     settings = Settings(threads=threads or (1 if clock == "cpu" else physical_cores()), warmup_s=warmup,
                         min_time_s=duration, min_iters=min_iters, clock=clock or "wall")
 
+    from compress.progress import console
+
+    if settings.clock == "wall" and (warning := busy_warning(settings.threads)):
+        console.print(warning, highlight=False, markup=False, soft_wrap=True)
     run = _measure(resolved, backends, sizes or [1], settings)
     verdicts = _judge(run, gate, saved)
     out.print(table(run))

@@ -54,6 +54,24 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none): above the CPU count, runs wait for a core."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(threads: int) -> str | None:
+    """A line to print when other processes compete for the cores, else None."""
+    load, cpus = load_average(), len(_affinity())
+    if load is None or load <= cpus:
+        return None
+    hint = "prefer --threads 1 --clock cpu for comparisons" if threads > 1 else "prefer --clock cpu for comparisons"
+    return (f"warning: load average {load:.1f} on {cpus} CPU(s): other processes compete for the cores, so "
+            f"wall-clock latency is inflated and multimodal; {hint}")
+
+
 def host_info() -> dict:
     """CPU, core counts, GPU and library versions of this machine, and when the run happened."""
     import torch
@@ -68,6 +86,7 @@ def host_info() -> dict:
         "physical_cores": physical_cores(),
         "logical_cores": os.cpu_count(),
         "usable_cpus": len(_affinity()),
+        "load_average_1m": load_average(),
         "gpus": gpus,
         "python": platform.python_version(),
         "torch": torch.__version__,

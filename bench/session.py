@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.compare import Speedup, speedups
-from bench.host import host_info
+from bench.host import host_info, load_average
 from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
 from bench.runners import RUNNERS, default_backends
 from bench.targets import Target
@@ -63,6 +63,7 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
         if on_skip:
             on_skip(skips[-1])
 
+    load_before = load_average()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:
         for backend in chosen:
@@ -91,7 +92,8 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
     if not results:
         raise CompressError("nothing was measured: " + "; ".join(s.line() for s in skips))
     record = {**asdict(settings), "backends": chosen, "batch_sizes": list(batch_sizes), "resamples": resamples}
-    return BenchRun(host=host_info(), settings=record, targets=targets, results=results,
+    host = {**host_info(), "load_average_1m_before": load_before}
+    return BenchRun(host=host, settings=record, targets=targets, results=results,
                     speedups=speedups(results, targets[0].label, resamples=resamples), skips=skips)
 
 
