@@ -150,5 +150,42 @@ def export_cmd(run_dir: str, **kwargs) -> None:
     export_command(run_dir, **kwargs)
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--methods", default=",".join(("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none")),
+              show_default=True, help="Comma list of method specs name[:option=value...]; unregistered methods are "
+              "reported as missing.")
+@click.option("--ratios", default="0.5,0.25", show_default=True, help="FLOPs ratios (pruned ÷ dense).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per method and ratio.")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@click.option("--model", default="resnet20", show_default=True)
+@click.option("--subset", default=6000, show_default=True, type=int, help="Training images (full val split).")
+@click.option("--dense-epochs", default=10, show_default=True, type=int, help="Epochs of the one dense parent.")
+@click.option("--finetune-epochs", default=4, show_default=True, type=int, help="Fine-tuning epochs, every method.")
+@click.option("--finetune-lr", default=0.01, show_default=True, type=float)
+@click.option("--round-to", default=1, show_default=True, type=int)
+@click.option("--scope", type=click.Choice(["global", "local"]), default="global", show_default=True)
+@click.option("--work", default="runs/study", show_default=True, type=click.Path(),
+              help="Where the dense parent and pruned runs go (runs with the same settings are reused).")
+@click.option("--docs", default="docs", show_default=True, type=click.Path(),
+              help="Where results.md, results.json and results.png are written.")
+@click.option("--no-latency", is_flag=True, help="Skip the ONNX Runtime latency measurement.")
+@click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
+@handle_errors
+def study(**kw) -> None:
+    """Compare pruning methods: one dense parent, each method × ratio × seed pruned with the same
+    fine-tuning budget; accuracy, FLOPs, params, ONNX Runtime latency; docs/results.md + plot."""
+    from compress.study import StudyConfig, parse_list, run_study
+
+    config = StudyConfig(data=kw["data"], model=kw["model"], subset=kw["subset"], dense_epochs=kw["dense_epochs"],
+                         finetune_epochs=kw["finetune_epochs"], finetune_lr=kw["finetune_lr"],
+                         ratios=parse_list(kw["ratios"]), seeds=parse_list(kw["seeds"], int),
+                         methods=tuple(m for m in kw["methods"].split(",") if m.strip()), scope=kw["scope"],
+                         round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], latency=not kw["no_latency"],
+                         fresh=kw["fresh"])
+    results = run_study(config)
+    click.echo(f"wrote {config.docs}/results.md, results.json and results.png "
+               f"({results['runs_done']} runs done, {results['runs_reused']} reused, {results['study_wall_s']:.0f} s)")
+
+
 if __name__ == "__main__":
     main()
