@@ -16,7 +16,7 @@ from bench.host import busy_warning, physical_cores
 from bench.measure import Result, Settings
 from bench.report import load_saved, table, to_json, write_json
 from bench.runners import parse_backends
-from bench.session import BenchRun, benchmark
+from bench.session import BenchRun, benchmark, check_batch_sizes
 from bench.targets import Target, resolve_targets
 from compress.errors import CheckFailed, CompressError
 
@@ -55,6 +55,7 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     if plot and Path(plot).suffix.lower() != ".png":
         raise CompressError(f"--plot writes a PNG; give a file name ending in .png, got {plot}")
     resolved = resolve_targets(list(targets))
+    sizes = check_batch_sizes(sizes or [1], resolved)
     if plot and not any(t.flops for t in resolved):
         raise CompressError("--plot draws latency against FLOPs, and no target records FLOPs (ONNX files "
                             "without export metadata and engine files have none)")
@@ -65,7 +66,7 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
 
     if settings.clock == "wall" and (warning := busy_warning(settings.threads)):
         console.print(warning, highlight=False, markup=False, soft_wrap=True)
-    run = _measure(resolved, backends, sizes or [1], settings)
+    run = _measure(resolved, backends, sizes, settings)
     verdicts = _judge(run, gate, saved)
     out.print(table(run))
     if json_path:

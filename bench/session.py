@@ -54,7 +54,7 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
     batch size, interleaved per backend × batch size."""
     if not targets:
         raise CompressError("nothing to benchmark: no targets")
-    batch_sizes = _check_batch_sizes(batch_sizes, targets)
+    batch_sizes = check_batch_sizes(batch_sizes, targets)
     chosen = backends if backends is not None else default_backends(targets)
     skips: list[Skip] = []
 
@@ -97,7 +97,8 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
                     speedups=speedups(results, targets[0].label, resamples=resamples), skips=skips)
 
 
-def _check_batch_sizes(batch_sizes: Sequence[int], targets: list[Target]) -> list[int]:
+def check_batch_sizes(batch_sizes: Sequence[int], targets: list[Target]) -> list[int]:
+    """The distinct batch sizes, or a one-line error when one is impossible (e.g. a fixed-batch ONNX file)."""
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
         raise CompressError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
