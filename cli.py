@@ -76,6 +76,67 @@ def eval_cmd(run_dir: str, data: str, split: str) -> None:
                f"params {r['params']:,}")
 
 
+def _method_flags(fn):
+    """Add every registered method's own flags (declared next to the method in compress/methods/)."""
+    from compress.methods import METHODS, all_options
+
+    for _method, opt in reversed(all_options()):
+        owners = ", ".join(sorted(n for n, cls in METHODS.items() if any(o.flag == opt.flag for o in cls.options)))
+        kind = opt.type
+        if kind is bool:
+            decl, extra = f"{opt.flag}/--no-{opt.flag[2:]}", {}
+        else:
+            decl, extra = opt.flag, {"type": click.Choice(kind) if isinstance(kind, tuple) else kind}
+        fn = click.option(decl, opt.dest, default=opt.default, show_default=True, help=f"[{owners}] {opt.help}",
+                          **extra)(fn)
+    return fn
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--from", "source", type=click.Path(), help="A trained run directory to prune (compress train).")
+@click.option("--model", help="Or a model name to prune (with --checkpoint/--weights for its starting weights).")
+@click.option("--checkpoint", type=click.Path(), help="state_dict file for --model.")
+@click.option("--weights", help="torchvision weights enum for --model (needs internet).")
+@click.option("--image-size", type=int, help="Input size for --model (default: the dataset's own).")
+@click.option("--data", required=True, help=DATA_HELP)
+@click.option("--method", required=True, help="l1 | depgraph | random | vpns | pass (every registered method).")
+@click.option("--flops-ratio", required=True, type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1].")
+@click.option("--out", required=True, type=click.Path(), help="Run directory to write (replaced if it is a run).")
+@click.option("--scope", type=click.Choice(["global", "local"]), default="global", show_default=True,
+              help="Rank units across groups (global) or keep one ratio per group (local).")
+@click.option("--round-to", default=8, show_default=True, type=int, help="Pruned widths are multiples of K.")
+@click.option("--finetune-epochs", default=5, show_default=True, type=int, help="Fine-tuning after slimming.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak SGD learning rate (cosine to 0).")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
+@_method_flags
+@click.pass_context
+@handle_errors
+def prune(ctx: click.Context, **kw) -> None:
+    """Prune channels structurally to a FLOPs ratio, slim, fine-tune, and write a run directory."""
+    from click.core import ParameterSource
+
+    from compress.methods import all_options, get_method
+    from compress.pruning.pipeline import prune_run
+    from compress.pruning.summary import print_prune
+
+    method = get_method(kw["method"])
+    declared = {o.dest for o in method.options}
+    options = {}
+    for _owner, opt in all_options():
+        value = kw.pop(opt.dest)
+        if opt.dest in declared:
+            options[opt.dest] = value
+        elif ctx.get_parameter_source(opt.dest) != ParameterSource.DEFAULT:
+            raise CompressError(f"{opt.flag} does not apply to method {kw['method']}")
+    out = kw.pop("out")
+    report = prune_run(out, flops_ratio=kw.pop("flops_ratio"), method=kw.pop("method"), data=kw.pop("data"),
+                       method_options=options, **kw)
+    print_prune(out, report)
+
+
 @main.command(context_settings=CONTEXT)
 def models() -> None:
     """List the model names `--model` accepts."""

@@ -55,7 +55,10 @@ class FlopsModel:
         self.tot_out = torch.ones(n_e, dtype=torch.float64)
         for e, name in enumerate(self.names):
             ent = entities[name]
-            size_in, size_out = _dim_sizes(net.get_submodule(name) if ent["kind"] != "attention" else None)
+            if ent["kind"] == "op":                 # parameter-free module (pooling): its output width
+                size_in = size_out = groups[0].graph.calls.channels[name]
+            else:
+                size_in, size_out = _dim_sizes(net.get_submodule(name) if ent["kind"] != "attention" else None)
             for side, a, fixed, tot, size in (("in", self.a_in, self.fixed_in, self.tot_in, size_in),
                                               ("out", self.a_out, self.fixed_out, self.tot_out, size_out)):
                 if not ent[side]:
@@ -68,6 +71,7 @@ class FlopsModel:
                 tot[e] = float(size)
                 fixed[e] = max(0.0, float(size) - covered)
         self.fixed_flops = self.dense - float(self.layer_flops.sum())
+        self._shares: list[float] | None = None
 
     @classmethod
     def for_groups(cls, groups: list[ChannelGroup]) -> FlopsModel:
@@ -102,11 +106,15 @@ class FlopsModel:
 
     def shares(self) -> list[float]:
         """For each group, the fraction of dense FLOPs that vanishes if the group kept no unit."""
-        full = self.widths.clone()
-        batch = full.repeat(len(self.ids), 1)
-        batch.fill_diagonal_(0.0)
-        lost = (self.dense - self.flops(batch)) / self.dense if len(self.ids) else torch.zeros(0)
-        return [round(float(v), 6) for v in lost]
+        if self._shares is None:
+            batch = self.widths.repeat(len(self.ids), 1)
+            batch.fill_diagonal_(0.0)
+            lost = (self.dense - self.flops(batch)) / self.dense if len(self.ids) else torch.zeros(0)
+            self._shares = [round(float(v), 6) for v in lost]
+        return self._shares
+
+    def share(self, group_id: str) -> float:
+        return self.shares()[self.ids.index(group_id)]
 
 
 def _dim_sizes(mod: nn.Module | None) -> tuple[int, int]:

@@ -62,7 +62,7 @@ class Member:
 
     name: str                 # module (or parameter) name inside the network
     side: str                 # "in" (input channels of a mixing layer), "out" (its outputs), "local"
-    layer: str                # "conv", "dwconv", "gconv", "linear", "norm", "param", "other"
+    layer: str                # "conv", "dwconv", "gconv", "linear", "norm", "param", "op" (parameter-free)
     idx: torch.Tensor         # channel indices in the layer's pruned dimension
     unit: torch.Tensor        # for each of them, the group unit it belongs to
 
@@ -81,7 +81,6 @@ class ChannelGroup:
     channels: int             # output channels of the root layer (= width × unit_channels)
     members: list[str]        # names of the coupled layers
     depth: float              # execution position of the root layer, 0 (first) … 1 (last)
-    flops_share: float        # fraction of dense FLOPs that scale with this group's width
     kind: str = "channels"    # "channels", "heads" (unit = one attention head) or "tiled" (grouped conv)
     unit_channels: int = 1    # root channels per unit
     items: list[Member] = field(default_factory=list, repr=False)
@@ -90,6 +89,12 @@ class ChannelGroup:
     def units_of_channels(self) -> torch.Tensor:
         """For each root channel, its unit (LongTensor [channels])."""
         return self.graph.unit_of[self.id]
+
+    @property
+    def flops_share(self) -> float:
+        """Fraction of dense FLOPs that scales with this group's width (vanishes if it kept nothing);
+        shares overlap, since a layer scales with both its input and its output group."""
+        return self.graph.flops_model.share(self.id)
 
 
 class GroupGraph:
@@ -102,10 +107,22 @@ class GroupGraph:
         self.roots: dict[str, tuple[nn.Module, object]] = {}   # group id -> (root module, TP pruning fn)
         self.unit_of: dict[str, torch.Tensor] = {}
         self.excluded: list[tuple[str, str]] = []               # (root layer, reason)
-        self.module_flops: dict[str, int] = {}
-        self.total_flops = 0
-        self.flops_model = None
+        self.groups: list[ChannelGroup] = []
+        self.calls = _CallRecord()
         self.slimmed = False
+        self._flops_model = None
+
+    @property
+    def flops_model(self):
+        """The FlopsModel of the dense network (fvcore runs on first use, which must precede slimming)."""
+        from compress.pruning.flops_model import FlopsModel
+
+        if self._flops_model is None:
+            if self.slimmed:
+                raise ValueError("the FLOPs model must be built before the network is slimmed")
+            module_flops, total = _module_flops(self.net, self.example_input)
+            self._flops_model = FlopsModel(self.groups, module_flops, total, _attention_flops(self.net, self.groups))
+        return self._flops_model
 
 
 def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
@@ -116,28 +133,24 @@ def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGrou
     layer whose output is the network output) is never pruned. Raises `CompressError` naming the
     layer or op when the network cannot be traced or grouped.
     """
-    from compress.pruning.flops_model import FlopsModel
-
     split_attention(net)
     was_training = net.training
-    with _execution_order(net) as order:
+    with _record_calls(net) as calls:
         dg = _trace(net, example_input)
     net.train(was_training)
     graph = GroupGraph(net, dg, example_input)
+    graph.calls = calls
     outputs = _output_layers(dg)
     groups = []
     for tp_group in dg.get_all_groups(ignored_layers=outputs):
         group = _make_group(graph, tp_group)
         if group is not None:
             groups.append(group)
-    last = max(order.values(), default=1) or 1
+    last = max(calls.order.values(), default=1) or 1
     for g in groups:
-        g.depth = round(order.get(g.id, 0) / last, 4)
+        g.depth = round(calls.order.get(g.id, 0) / last, 4)
     groups.sort(key=lambda g: (g.depth, g.id))
-    graph.module_flops, graph.total_flops = _module_flops(net, example_input)
-    graph.flops_model = FlopsModel(groups, graph.module_flops, graph.total_flops, _attention_flops(net, groups))
-    for g, share in zip(groups, graph.flops_model.shares(), strict=True):
-        g.flops_share = share
+    graph.groups = groups
     for root, reason in graph.excluded:
         log.info("group at %s not prunable: %s", root, reason)
     return groups
@@ -155,18 +168,34 @@ def _trace(net: nn.Module, example_input: torch.Tensor):
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
+class _CallRecord:
+    """What one forward pass shows about the modules: call order, and which module produced which
+    autograd node (so parameter-free modules such as pooling can be found inside groups)."""
+
+    def __init__(self):
+        self.order: dict[str, int] = {}
+        self.by_grad_fn: dict[object, str] = {}
+        self.channels: dict[str, int] = {}
+
+
 @contextmanager
-def _execution_order(net: nn.Module):
-    """Records, while active, the order in which modules are first called."""
-    order: dict[str, int] = {}
+def _record_calls(net: nn.Module):
+    """Records, while active, module call order and output autograd nodes."""
+    rec = _CallRecord()
     names = {m: n for n, m in net.named_modules()}
 
-    def record(mod, _inputs):
-        order.setdefault(names[mod], len(order))
+    def before(mod, _inputs):
+        rec.order.setdefault(names[mod], len(rec.order))
 
-    hooks = [m.register_forward_pre_hook(record) for m in net.modules()]
+    def after(mod, _inputs, out):
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() >= 2:
+            rec.by_grad_fn.setdefault(out.grad_fn, names[mod])
+            rec.channels.setdefault(names[mod], out.shape[1] if out.dim() == 4 else out.shape[-1])
+
+    hooks = [m.register_forward_pre_hook(before) for m in net.modules()]
+    hooks += [m.register_forward_hook(after) for m in net.modules() if not list(m.children())]
     try:
-        yield order
+        yield rec
     finally:
         for h in hooks:
             h.remove()
@@ -210,6 +239,8 @@ def _layer_kind(mod) -> str:
         return "statnorm"
     if isinstance(mod, nn.MultiheadAttention):
         return "mha"
+    if not any(True for _ in mod.parameters()):
+        return "op"
     return "other"
 
 
@@ -227,6 +258,9 @@ def _make_group(graph: GroupGraph, tp_group) -> ChannelGroup | None:
         name = dg._param_to_name.get(mod) if isinstance(mod, nn.Parameter) else dg._module2name.get(mod)
         if name is None:
             ops.append(node)
+            owner = graph.calls.by_grad_fn.get(node.grad_fn)
+            if owner is not None and not isinstance(mod, nn.Parameter):   # a parameter-free module (pooling…)
+                raw.append((owner, graph.net.get_submodule(owner), "local", list(item.idxs), list(item.root_idxs)))
             continue
         is_out, is_in = dg.is_out_channel_pruning_fn(handler), dg.is_in_channel_pruning_fn(handler)
         side = "local" if (is_out and is_in) or isinstance(mod, nn.Parameter) else ("out" if is_out else "in")
@@ -260,7 +294,7 @@ def _make_group(graph: GroupGraph, tp_group) -> ChannelGroup | None:
     width = int(unit_of.max()) + 1
     members = list(dict.fromkeys(m.name for m in items))
     return ChannelGroup(id=root_name, width=width, channels=channels, members=members, depth=0.0,
-                        flops_share=0.0, kind=kind, unit_channels=unit_channels, items=items, graph=graph)
+                        kind=kind, unit_channels=unit_channels, items=items, graph=graph)
 
 
 def _head_dim(net: nn.Module, raw) -> int | None:
