@@ -57,6 +57,7 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
         used, notes = export_graph(module, tmp, input_size, opset=opset, batch_size=batch_size,
                                    dynamic_batch=dynamic_batch, exporter=exporter, log=log)
         model = _load_checked(tmp)
+        strip_trace_metadata(model)
         set_metadata(model, props)
         parity, simplified = None, False
         if not check:
@@ -292,6 +293,19 @@ def run_metadata(report: dict[str, Any]) -> dict[str, str]:
              "flops": report.get("flops"), "params": report.get("params"), "accuracy": report.get("accuracy"),
              "run_command": report.get("command")}
     return {k: _prop(v) for k, v in props.items() if v is not None}
+
+
+def strip_trace_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node records (Python stack traces with local file paths, FX node text).
+
+    They are debugging aids, not part of the model: they would ship source paths in a deployment
+    artifact and add size that does not scale with parameters.
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for info in (*model.graph.value_info, *model.graph.input, *model.graph.output, *model.graph.initializer):
+        del info.metadata_props[:]
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
