@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -375,7 +376,8 @@ def _shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """First line of an exception's message, without terminal colour codes (the exporter emits them)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     first = first if len(first) <= 300 else first[:297] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -78,7 +78,7 @@ def to_tensorrt(onnx_or_module: str | os.PathLike | torch.nn.Module, out: str | 
         try:
             onnx_path, reference, exporter, notes, input_size = _source(onnx_or_module, Path(work), min_batch,
                                                                         max_batch, opset, check, data, log)
-            shape = onnx_input_shape(onnx_path)
+            shape, opset_used = onnx_input_shape(onnx_path), _opset(onnx_path)  # read before `work` goes
             profile = _profile(shape, min_batch, opt_batch, max_batch)
             build_from = onnx_path
             strongly_typed_fp16 = fp16 and not hasattr(trt.BuilderFlag, "FP16")
@@ -104,7 +104,7 @@ def to_tensorrt(onnx_or_module: str | os.PathLike | torch.nn.Module, out: str | 
             raise
     failed_path(out).unlink(missing_ok=True)
     engine = TensorRTEngine.load(out)
-    return ExportResult(path=out, format="tensorrt", opset=_opset(onnx_path), exporter=exporter,
+    return ExportResult(path=out, format="tensorrt", opset=opset_used, exporter=exporter,
                         input_names=[engine.input_name], input_shapes=[list(engine.input_shape)],
                         output_names=[engine.output_name], output_shapes=[list(engine.output_shape)],
                         size_bytes=out.stat().st_size, parity=parity,
