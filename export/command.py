@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from compress.errors import CompressError
 from export.files import temp_beside, write_atomic
@@ -47,12 +49,11 @@ def export_command(run_dir: str, *, fmt: str, out: str, opset: int, batch_size: 
 
 
 def print_result(result: ExportResult, console: Console | None = None) -> None:
-    table = Table(title=f"compress export → {result.path.name}", show_header=False, title_justify="left")
+    table = Table(title=f"compress export → {escape(result.path.name)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    for label, value in result.rows():
-        style = "red" if (label == "parity" and value == "FAILED") else None
-        table.add_row(label, value, style=style)
+    for label, value in result.rows():  # Text: shapes like "[batch, 3, 32, 32]" are not markup
+        table.add_row(label, Text(value, style="green" if value == "passed" else ""))
     (console or Console()).print(table)
 
 

@@ -82,6 +82,7 @@ def test_dynamic_batch_runs_at_1_7_32(small_run, tmp_path):
     out = tmp_path / "dyn.onnx"
     result = run_cli(small_run, "--out", out, "--dynamic-batch")
     assert result.exit_code == 0, result.output
+    assert f"[batch, 3, {SIZE}, {SIZE}]" in result.output  # the table shows the symbolic batch
     assert onnx_input_shape(out)[0] == "batch" and onnx_input_shape(out)[1:] == (3, SIZE, SIZE)
     runner = OnnxRunner(out)
     assert runner.batch_size is None
