@@ -29,6 +29,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
 MIN_OPSET = 14
+DYNAMO_MIN_OPSET = 18  # older opsets come from the TorchScript exporter
 MAX_DYNAMIC_BATCH = 4096
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a single-file ONNX model must stay under 2 GiB
 
@@ -115,6 +116,8 @@ def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int
 
 
 def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:
+    if opset < DYNAMO_MIN_OPSET:  # it would quietly write opset 18 when version conversion fails
+        raise ValueError(f"it writes opset {DYNAMO_MIN_OPSET} or newer, and --opset {opset} was asked for")
     # Tracing at batch 2 keeps torch.export from specialising a symbolic batch of 1 to a constant.
     example = _example(input_size, 2 if dynamic_batch else batch_size, device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
@@ -123,6 +126,9 @@ def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, d
         torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
                           external_data=False, verbose=False)
+    written = _opset_of(onnx.load(str(path), load_external_data=False), -1)
+    if written != opset:
+        raise ValueError(f"it wrote opset {written} instead of the requested {opset}")
 
 
 def _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:

@@ -257,9 +257,14 @@ def test_torchscript_exporter_on_request(small_run, tmp_path):
 
 
 def test_opset_is_pinned(small_run, tmp_path):
-    result = to_onnx(compress.load(small_run), tmp_path / "o20.onnx", opset=20, simplify=False)
-    assert result.opset == 20
+    module = compress.load(small_run)
+    result = to_onnx(module, tmp_path / "o20.onnx", opset=20, simplify=False)
+    assert result.opset == 20 and result.exporter == "dynamo"
     assert next(o.version for o in onnx.load(str(result.path)).opset_import if o.domain == "") == 20
+    # dynamo writes opset >= 18 only: an older pinned opset comes from the TorchScript exporter, said so
+    result = to_onnx(module, tmp_path / "o17.onnx", opset=17, simplify=False, log=lambda _: None)
+    assert result.opset == 17 and result.exporter == "torchscript" and result.parity.passed
+    assert any("opset 17" in note for note in result.notes)
 
 
 # ------------------------------------------------------------------ bad input
