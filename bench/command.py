@@ -47,9 +47,6 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     if saved is not None:  # gate against a file: measure what it measured, unless told otherwise
         backends = backends or parse_backends(",".join(dict.fromkeys(r.backend for r in saved)))
         sizes = sizes or list(dict.fromkeys(r.batch_size for r in saved))
-        saved_threads = saved_settings.get("threads")
-        threads = threads or (saved_threads if isinstance(saved_threads, int) and saved_threads > 0 else None)
-        clock = clock or saved_settings.get("clock")
     if warmup < 0 or duration <= 0 or min_iters < 1:
         raise CompressError("--warmup must be >= 0, --duration > 0 and --min-iters >= 1")
     if plot and Path(plot).suffix.lower() != ".png":
@@ -59,8 +56,8 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     if plot and not any(t.flops for t in resolved):
         raise CompressError("--plot draws latency against FLOPs, and no target records FLOPs (ONNX files "
                             "without export metadata and engine files have none)")
-    settings = Settings(threads=threads or (1 if clock == "cpu" else physical_cores()), warmup_s=warmup,
-                        min_time_s=duration, min_iters=min_iters, clock=clock or "wall")
+    threads, clock = _threads_and_clock(threads, clock, gate, saved_settings)
+    settings = Settings(threads=threads, warmup_s=warmup, min_time_s=duration, min_iters=min_iters, clock=clock)
 
     from compress.progress import console
 
@@ -94,6 +91,21 @@ def _stdout() -> Console:
     if not console.is_terminal:
         console.width = 160
     return console
+
+
+def _threads_and_clock(threads: int | None, clock: str | None, gate: Gate | None,
+                       saved_settings: dict) -> tuple[int, str]:
+    """Flags win; then a --baseline file's settings (so the two measurements compare); then, for a
+    gate, one thread timed by its CPU time: on a shared machine, multi-threaded wall-clock latency is
+    decided by the scheduler, and identical models measured side by side can differ by 30%."""
+    if saved_settings:
+        saved_threads = saved_settings.get("threads")
+        threads = threads or (saved_threads if isinstance(saved_threads, int) and saved_threads > 0 else None)
+        clock = clock or saved_settings.get("clock") or "wall"
+    if gate is not None and threads is None and clock is None:
+        return 1, "cpu"
+    clock = clock or "wall"
+    return threads or (1 if clock == "cpu" else physical_cores()), clock
 
 
 def _gate(targets: Sequence[str], baseline: str | None, max_regression: float | None,

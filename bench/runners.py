@@ -21,8 +21,8 @@ from bench.targets import Target
 from compress.errors import CompressError
 
 INPUT_SEED = 0
-# How CPU runs are timed. "cpu" is the calling thread's CPU time: with one thread it is immune to
-# preemption by other processes (the dominant noise on shared CI runners).
+# How CPU backends are timed. "cpu" is the calling thread's CPU time: with one thread it is immune to
+# preemption by other processes (the dominant noise on shared CI runners). GPU backends ignore it.
 CLOCKS = {
     "wall": (_time.perf_counter_ns, "wall clock (perf_counter) per run"),
     "cpu": (_time.thread_time_ns, "CPU time of the calling thread per run (one thread; excludes preemption)"),
@@ -42,7 +42,7 @@ class Runner(ABC):
             raise CompressError(f"unknown clock {clock!r}; use one of {', '.join(CLOCKS)}")
         self.threads = threads
         self.scratch = scratch
-        self.clock = clock
+        self.clock = clock if self.device == "cpu" else "wall"  # GPU work is timed on the GPU or synchronously
         self.target: Target | None = None
 
     @classmethod

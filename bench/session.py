@@ -71,9 +71,6 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
             if (reason := cls.unavailable()) is not None:
                 skip(backend, None, reason)
                 continue
-            if settings.clock == "cpu" and cls.device != "cpu":
-                skip(backend, None, "--clock cpu times CPU backends only (GPU backends use CUDA events)")
-                continue
             contenders = []
             for target in targets:
                 if (reason := cls.rejects(target)) is not None:

@@ -77,6 +77,17 @@ def test_bad_input_is_one_line_and_exit_2(files, args, message):
     assert "Traceback" not in r.output
 
 
+def test_gate_defaults_to_one_thread_on_the_cpu_clock(files, tmp_path):
+    """Without --threads/--clock a gate uses the settings that do not flake on shared machines."""
+    out = tmp_path / "g.json"
+    r = bench(files["dyn"], files["dyn"], "--max-regression", "0.5", "--json", str(out), *QUICK[2:])
+    assert r.exit_code in (0, 1) and "latency gate" in r.output
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["threads"], settings["clock"]) == (1, "cpu")
+    r = bench(files["dyn"], "--json", str(out), *QUICK[2:])
+    assert json.loads(out.read_text())["settings"]["clock"] == "wall"
+
+
 def saved(path, target, ms):
     """A saved bench file whose samples are physically impossible latencies (1 ns) or absurd ones (1000 s)."""
     row = {"target": target, "backend": "onnxruntime", "batch_size": 1, "median_ms": ms, "p90_ms": ms,

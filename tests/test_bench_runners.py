@@ -104,7 +104,7 @@ def test_torch_and_ort_runners_agree_on_outputs(files, tmp_path):
 
 
 def test_cpu_clock_times_the_calling_thread(files, tmp_path):
-    """With --clock cpu every CPU backend records thread CPU time; GPU backends are skipped, not mixed in."""
+    """With --clock cpu every CPU backend records thread CPU time; GPU backends keep their own timing."""
     targets = resolve_targets([files["dyn"]])
     skipped = []
     run = benchmark(targets, backends=["onnxruntime", "ort-cuda"], settings=replace(FAST, clock="cpu"),
@@ -116,6 +116,8 @@ def test_cpu_clock_times_the_calling_thread(files, tmp_path):
         Settings(threads=2, clock="cpu")
     with pytest.raises(CompressError, match="unknown clock"):
         OrtRunner(1, tmp_path, clock="tsc")
+    assert OrtCudaRunner(1, tmp_path, clock="cpu").clock == "wall"
+    assert "CUDA events" in TorchCudaRunner(1, tmp_path, clock="cpu").timing()
 
 
 def test_fixed_batch_onnx_refuses_other_batch_sizes(files, tmp_path):
