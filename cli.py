@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import click
 
 from compress import __version__
 from compress.errors import CompressError
+
+# fvcore (FLOPs counting) still calls torch.jit.script, which warns on every import.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 DATA_HELP = "digits | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR | synthetic[:N]"
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
