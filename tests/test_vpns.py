@@ -14,6 +14,7 @@ from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.methods.base import PruneContext
 from compress.methods.vpns import (
+    TARGET_TOLERANCE,
     MaskSelector,
     VPNsSettings,
     first_stage_groups,
@@ -55,7 +56,7 @@ def test_every_search_step_meets_the_flops_target_and_the_first_stage_cap():
                  check_step=seen.append)
     assert len(seen) == 3                                             # 96 training images, batches of 32
     for masks in seen:
-        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.4) <= 0.02
+        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.4) <= TARGET_TOLERANCE
         assert removed_share(masks, groups, capped) <= 0.25
     final = selector(scores)
     assert abs(ctx.flops_model.ratio_of_masks(final) - 0.4) <= 0.02
@@ -71,7 +72,29 @@ def test_search_steps_respect_local_scope_and_round_to():
         for g in groups:
             kept = int(masks[g.id].sum())
             assert kept % 4 == 0 or kept == g.width
-        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.5) <= 0.05
+        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.5) <= TARGET_TOLERANCE
+
+
+def test_coarse_round_to_still_meets_the_target():
+    """ResNet-20's 16-wide groups only allow 8 or 16 channels at round-to 8: one step of a single ranking
+    path moves the ratio by ~0.1, so the engine's closest point can miss; the block repair must not."""
+    module, data, groups, ctx, scores, capped, selector, settings = _setup(prompt="none", ratio=0.3, round_to=8,
+                                                                           cap=1.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        random = {g.id: torch.rand(g.width, generator=gen) for g in groups}
+        masks = selector(random)
+        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.3) <= TARGET_TOLERANCE
+        for g in groups:
+            kept = int(masks[g.id].sum())
+            assert kept % 8 == 0 or kept == g.width
+            assert torch.equal(masks[g.id], _top(random[g.id], kept))   # a group keeps its best units
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[torch.argsort(scores, descending=True)[:k]] = True
+    return mask
 
 
 def test_straight_through_gates_are_hard_forward_and_pass_gradients_to_scores():

@@ -1,0 +1,44 @@
+"""`compress study`: method specs, missing methods reported, runs reused, hand-written analysis kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compress.errors import CompressError
+from compress.methods.base import discover
+from compress.study import StudyConfig, parse_method, run_study
+
+
+def test_method_specs_are_typed_by_the_methods_own_options():
+    registry = discover()
+    spec = parse_method("vpns:prompt=none:score-epochs=2:score-lr=0.5", registry)
+    assert (spec.name, spec.options) == ("vpns", {"prompt": "none", "score_epochs": 2, "score_lr": 0.5})
+    assert spec.slug == "vpns_prompt-none_score-epochs-2_score-lr-0.5"
+    assert parse_method("not-a-method:x=1", registry).name == "not-a-method"   # reported as missing later
+    with pytest.raises(CompressError, match="no option"):
+        parse_method("vpns:bogus=1", registry)
+    with pytest.raises(CompressError, match="choose one of"):
+        parse_method("vpns:prompt=frame", registry)
+    with pytest.raises(CompressError, match="option=value"):
+        parse_method("vpns:prompt", registry)
+
+
+def test_study_reports_missing_methods_reuses_runs_and_keeps_the_analysis(tmp_path):
+    docs = tmp_path / "docs"
+    config = StudyConfig(data="synthetic:120", subset=100, dense_epochs=1, finetune_epochs=0, ratios=(0.5,),
+                         seeds=(0,), methods=("l1", "no-such-method"), work=str(tmp_path / "work"), docs=str(docs),
+                         latency=False)
+    first = run_study(config)
+    assert first["missing"] == ["no-such-method"] and first["runs_done"] == 1
+    (row,) = [r for r in first["summary"] if r["method"] == "l1"]
+    assert abs(row["flops_ratio"] - 0.5) <= 0.02 and row["n"] == 1
+    md = (docs / "results.md").read_text()
+    assert "| no-such-method | 0.5 | not registered |" in md and (docs / "results.png").stat().st_size > 0
+
+    (docs / "results.md").write_text("# Results\n\nOur analysis.\n\n" + md[md.index("<!-- study:begin"):])
+    second = run_study(config)
+    assert second["runs_reused"] == 1 and second["runs_done"] == 0
+    assert "Our analysis." in (docs / "results.md").read_text()
+    assert json.loads((docs / "results.json").read_text())["records"][0]["reused"] is True
