@@ -18,8 +18,8 @@ from torch import nn
 from compress.models import create_model
 from compress.pruning import Gates, find_groups, slim
 
-MODELS = ["resnet20", "resnet56", "resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small",
-          "efficientnet_b0", "densenet121", "regnet_x_400mf", "convnext_tiny", "vit_b_16"]
+SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf"]
+LARGE = ["resnet50", "vgg16_bn", "densenet121", "convnext_tiny", "vit_b_16"]   # one example each: time budget
 SIZE = 32
 
 
@@ -39,7 +39,7 @@ def _randomise(net: nn.Module) -> None:
                 p.uniform_(0.5, 1.0, generator=g)
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module")
 def case(request):
     torch.manual_seed(0)
     # Published stems (adapt=None): the small-input stem adaptation does not change grouping, only cost.
@@ -50,10 +50,26 @@ def case(request):
     return request.param, net, groups, x
 
 
-@settings(max_examples=2, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), keep=st.floats(0.05, 0.95))
+_SETTINGS = {"deadline": None, "database": None,
+             "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+_MASKS = {"seed": st.integers(0, 2**31 - 1), "keep": st.floats(0.05, 0.95)}
+
+
+@pytest.mark.parametrize("case", SMALL, indirect=True)
+@settings(max_examples=3, **_SETTINGS)
+@given(**_MASKS)
 def test_slimmed_equals_gated(case, seed, keep):
+    _check(case, seed, keep)
+
+
+@pytest.mark.parametrize("case", LARGE, indirect=True)
+@settings(max_examples=1, **_SETTINGS)
+@given(**_MASKS)
+def test_slimmed_equals_gated_large(case, seed, keep):
+    _check(case, seed, keep)
+
+
+def _check(case, seed, keep):
     name, net, groups, x = case
     assert groups, f"{name} has no prunable groups"
     gen = torch.Generator().manual_seed(seed)

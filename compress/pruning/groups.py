@@ -159,13 +159,52 @@ def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGrou
 def _trace(net: nn.Module, example_input: torch.Tensor):
     import torch_pruning as tp
 
+    dg = tp.DependencyGraph()
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(net, example_inputs=example_input, verbose=False)
+            return dg.build_dependency(net, example_inputs=example_input, verbose=False)
     except Exception as exc:  # tracing runs arbitrary model code
-        raise CompressError(f"cannot trace the network for pruning: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        where = _locate_failure(dg)
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if where:
+            raise CompressError(f"cannot group the channels of this network: {where} ({detail})") from None
+        raise CompressError(f"cannot trace the network for pruning: {detail}") from None
+
+
+def _locate_failure(dg) -> str | None:
+    """After a failed build, the reshape/concat/split op whose channel mapping cannot be derived."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping as im
+
+    updates = {tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
+               tp.ops.OPTYPE.CONCAT: im.update_concat_index_mapping,
+               tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping}
+    for node in getattr(dg, "module2node", {}).values():
+        update = updates.get(node.type)
+        if update is None:
+            continue
+        try:
+            update(dg, node)
+        except Exception:
+            op = node.grad_fn.name() if hasattr(node.grad_fn, "name") else type(node.module).__name__
+            return (f"operation {op} after layer {_nearest_layer(dg, node)} rearranges channels in a way "
+                    "the pruner cannot map")
+    return None
+
+
+def _nearest_layer(dg, node) -> str:
+    stack, seen = list(node.inputs), set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
+        if name:
+            return name
+        stack.extend(n.inputs)
+    return "(network input)"
 
 
 class _CallRecord:

@@ -8,7 +8,8 @@
 The ratio is monotone in the number of removed units, so a bisection over the ranking (global) or
 the kept fraction (local) finds the two configurations bracketing R; the closer one wins. Each step
 is one vectorised FLOPs-model evaluation, so selecting masks costs milliseconds (cheap enough for
-every training step of a learned method).
+every training step of a learned method). When round-to steps leave the global bracket far from R,
+the ranking is continued past the overshooting group (see `_skip_greedy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from compress.pruning.flops_model import FlopsModel
 from compress.pruning.groups import ChannelGroup
 
 SCOPES = ("global", "local")
+POLISH_ABOVE = 0.005   # bracket this far from the target: try to close the gap (global scope)
 
 
 class _Allowed:
@@ -44,6 +46,11 @@ class _Allowed:
         pos = pos.clamp(max=self.table.shape[1] - 1)
         out = torch.gather(self.table, 1, pos).T.reshape(kept.shape)
         return torch.maximum(out, self.minimum)
+
+    def round_down(self, kept: torch.Tensor) -> torch.Tensor:
+        """The largest allowed count ≤ kept (at least the group's minimum), per group; kept is [G]."""
+        pos = torch.searchsorted(self.table, (kept + 1e-9).unsqueeze(1), right=True).squeeze(1).clamp(min=1) - 1
+        return torch.maximum(self.table.gather(1, pos.unsqueeze(1)).squeeze(1), self.minimum)
 
 
 def smallest_ratio(groups: list[ChannelGroup], flops_model: FlopsModel, round_to: int = 8) -> float:
@@ -117,23 +124,78 @@ def _global_counts(vals, groups, allowed: _Allowed, flops_model: FlopsModel, tar
             lo = mid
         else:
             hi = mid
-    return _closest([counts(lo), counts(hi)], flops_model, target)
+    best = _closest([counts(lo), counts(hi)], flops_model, target)
+    if abs(float(flops_model.ratio(best)) - target) <= POLISH_ABOVE:
+        return best
+    return _closest([best, _skip_greedy(owner, lo, allowed, flops_model, target)], flops_model, target)
+
+
+def _skip_greedy(owner: torch.Tensor, start: int, allowed: _Allowed, flops_model: FlopsModel,
+                 target: float) -> torch.Tensor:
+    """Continue down the ranking past the first unit that would overshoot the target: a unit whose
+    removal would take the ratio below it freezes its group (its better units stay too), and lower
+    ranked units of other groups are removed instead. Narrows the gap that coarse round-to steps leave."""
+    widths = flops_model.widths
+    removed = torch.bincount(owner[:start], minlength=len(widths)).to(torch.float64)
+    current = allowed.round_up(widths - removed)
+    frozen = torch.zeros(len(widths), dtype=torch.bool)
+    for g in owner[start:].tolist():
+        if frozen[g]:
+            continue
+        removed[g] += 1
+        trial = current.clone()
+        trial[g] = allowed.round_up(widths - removed)[g]
+        if trial[g] == current[g]:
+            continue
+        if float(flops_model.ratio(trial)) >= target:
+            current = trial
+        else:
+            frozen[g] = True
+    return current
 
 
 def _local_counts(groups, allowed: _Allowed, flops_model: FlopsModel, target: float) -> torch.Tensor:
-    """Kept units per group when every group keeps the same fraction, the fraction bisected."""
+    """Kept units per group when every group keeps the same fraction f of its units, bisected over the
+    breakpoints of f. A count f·W rarely is an allowed width, so each group may take the allowed width
+    just below or just above it; the mix closest to the target is built greedily (smallest FLOPs
+    steps first), which keeps every group within one round-to step of the common fraction."""
     widths = flops_model.widths
+    fractions = torch.unique(torch.cat([torch.arange(1, int(w) + 1, dtype=torch.float64) / w for w in widths]))
 
-    def counts(frac: float) -> torch.Tensor:
-        return allowed.round_up(torch.ceil(widths * frac - 1e-9))
+    def up(f):
+        return allowed.round_up(torch.ceil(widths * f - 1e-9))
 
-    lo, hi = 0.0, 1.0                 # ratio(counts(hi)) ≥ target
-    if float(flops_model.ratio(counts(lo))) >= target:
-        return counts(lo)
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if float(flops_model.ratio(counts(mid))) >= target:
+    lo, hi = 0, len(fractions) - 1              # ratio(up(fractions[hi])) ≥ target
+    if float(flops_model.ratio(up(fractions[lo]))) >= target:
+        return up(fractions[lo])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if float(flops_model.ratio(up(fractions[mid]))) >= target:
             hi = mid
         else:
             lo = mid
-    return _closest([counts(lo), counts(hi)], flops_model, target)
+    candidates = [up(fractions[lo]), up(fractions[hi])]
+    for f in (fractions[lo], fractions[hi]):
+        candidates += _mixed_rounding(allowed.round_down(widths * f), up(f), flops_model, target)
+    return _closest(candidates, flops_model, target)
+
+
+def _mixed_rounding(low: torch.Tensor, high: torch.Tensor, flops_model: FlopsModel, target: float
+                    ) -> list[torch.Tensor]:
+    """From all groups at `low`, raise groups to `high` one at a time, cheapest first, and return the
+    configurations bracketing the target."""
+    current = low.clone()
+    if float(flops_model.ratio(current)) >= target:
+        return [current]
+    steps = []
+    for g in (high > low).nonzero().flatten().tolist():
+        trial = current.clone()
+        trial[g] = high[g]
+        steps.append((float(flops_model.ratio(trial)), g))
+    for _gain, g in sorted(steps):
+        trial = current.clone()
+        trial[g] = high[g]
+        if float(flops_model.ratio(trial)) >= target:
+            return [current, trial]
+        current = trial
+    return [current]
