@@ -76,7 +76,7 @@ def test_groups_of_resnet20(resnet20):
     ids = [g.id for g in groups]
     assert len(set(ids)) == len(ids) and "fc" not in ids
     assert [g.depth for g in groups] == sorted(g.depth for g in groups)
-    assert groups[0].depth == 0.0 and groups[-1].depth <= 1.0
+    assert groups[0].depth == 0.0 and groups[-1].depth == 1.0
     stem = next(g for g in groups if g.id == "conv1")
     assert "layer1.0.conv2" in stem.members and "layer1.2.conv2" in stem.members   # coupled by residual adds
     assert all(0 < g.flops_share < 1 for g in groups)

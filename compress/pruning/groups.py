@@ -80,7 +80,7 @@ class ChannelGroup:
     width: int                # number of units (the gate/mask length)
     channels: int             # output channels of the root layer (= width × unit_channels)
     members: list[str]        # names of the coupled layers
-    depth: float              # execution position of the root layer, 0 (first) … 1 (last)
+    depth: float              # execution position of the root layer among the groups: 0 (first) … 1 (last)
     kind: str = "channels"    # "channels", "heads" (unit = one attention head) or "tiled" (grouped conv)
     unit_channels: int = 1    # root channels per unit
     items: list[Member] = field(default_factory=list, repr=False)
@@ -146,9 +146,10 @@ def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGrou
         group = _make_group(graph, tp_group)
         if group is not None:
             groups.append(group)
-    last = max(calls.order.values(), default=1) or 1
-    for g in groups:
-        g.depth = round(calls.order.get(g.id, 0) / last, 4)
+    positions = [calls.order.get(g.id, 0) for g in groups]
+    first, span = min(positions, default=0), max(1, max(positions, default=1) - min(positions, default=0))
+    for g, pos in zip(groups, positions, strict=True):
+        g.depth = round((pos - first) / span, 4)
     groups.sort(key=lambda g: (g.depth, g.id))
     graph.groups = groups
     for root, reason in graph.excluded:
