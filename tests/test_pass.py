@@ -155,3 +155,57 @@ def test_saved_hypernet_must_match_groups_and_prompt(toy):
     other = find_groups(toy_net((8, 16, 10)), torch.rand(1, 3, 16, 16))
     with pytest.raises(CompressError, match="does not fit"):
         check_compatible(config, other, True, "src")
+
+
+# ---------------------------------------------------------------- through `compress prune`
+
+
+def _prune(*args: str):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    return CliRunner().invoke(main, ["prune", *args])
+
+
+@pytest.fixture(scope="module")
+def pass_run(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pass") / "p"
+    res = _prune("--from", str(digits_run), "--data", "digits", "--method", "pass", "--flops-ratio", "0.4",
+                 "--hypernet-epochs", "1", "--finetune-epochs", "0", "--subset", "200", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_prune_pass_hits_the_ratio_and_saves_prompt_and_hypernetwork(pass_run):
+    import json
+
+    from compress.runs import load, load_state
+
+    report = json.loads((pass_run / "report.json").read_text())
+    assert report["method"] == "pass" and abs(report["flops_ratio"] - 0.4) <= 0.02
+    stage = report["search"]["hypernet_search"]
+    assert stage["epochs"] == 1 and stage["epoch_time_s"] > 0 and "hypernet_search" in report["stages_s"]
+    config = HypernetConfig.from_dict(report["method_report"]["hypernet"])
+    hyper = MaskHypernet(config)
+    hyper.load_state_dict(load_state(pass_run / "hypernet.pt"), strict=True)
+    module = load(pass_run)
+    assert module.spec["prompt"]["kind"] == "pad" and module.prompt.delta.abs().sum() > 0
+
+
+def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run, digits_run, tmp_path):
+    import json
+
+    common = ["--data", "digits", "--method", "pass", "--flops-ratio", "0.5", "--finetune-epochs", "0",
+              "--subset", "100", "--from", str(digits_run)]
+    res = _prune(*common, "--hypernet-from", str(pass_run), "--hypernet-epochs", "0", "--out", str(tmp_path / "t"))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["method_report"]["hypernet_from"] == str(pass_run) and abs(report["flops_ratio"] - 0.5) <= 0.02
+    for extra, message in ((["--hypernet-from", str(digits_run)], "no hypernet.pt"),
+                           (["--hypernet-from", str(pass_run), "--prompt", "none"], "trained with a prompt"),
+                           (["--hypernet-from", str(tmp_path / "nowhere")], "not a directory"),
+                           (["--hypernet-epochs", "0"], "at least 1")):
+        res = _prune(*common, *extra, "--out", str(tmp_path / "bad"))
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "bad").exists()

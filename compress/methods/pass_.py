@@ -42,7 +42,7 @@ from compress.pruning.groups import ChannelGroup
 from compress.train import evaluate
 
 HYPERNET_FILE = "hypernet.pt"
-SEARCH_BN = ("running", "batch")
+SEARCH_BN = ("batch", "running")
 
 
 @dataclass
@@ -60,12 +60,13 @@ class PassOptions:
     batch_size: int = 128
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    search_bn: str = "running"
+    search_bn: str = "batch"
     hypernet_from: str | None = None
 
     def check(self) -> None:
-        if self.search_epochs < 1:
-            raise CompressError(f"--hypernet-epochs must be at least 1, got {self.search_epochs}")
+        if self.search_epochs < (0 if self.hypernet_from else 1):
+            raise CompressError(f"--hypernet-epochs must be at least 1 (0 only with --hypernet-from: use the "
+                                f"transferred hypernetwork as it is), got {self.search_epochs}")
         if self.hypernet_lr <= 0 or self.prompt_lr < 0:
             raise CompressError("--hypernet-lr must be > 0 and --hypernet-prompt-lr ≥ 0")
         if self.lam < 0:
@@ -89,11 +90,11 @@ class SearchResult:
 
     def report(self) -> dict[str, Any]:
         """What report.json records about the search (the hypernetwork's config included)."""
-        n = max(1, len(self.epoch_times_s))
+        times = self.epoch_times_s
         return {"hypernet": self.hypernet.config.to_dict(), "hypernet_file": HYPERNET_FILE,
                 "hypernet_from": self.transferred_from, "search_history": self.history,
                 "search_epoch_s": [round(t, 3) for t in self.epoch_times_s],
-                "search_epoch_s_mean": round(sum(self.epoch_times_s) / n, 3)}
+                "search_epoch_s_mean": round(sum(times) / len(times), 3) if times else None}
 
     def extras(self) -> dict[str, dict[str, torch.Tensor]]:
         """Weights-only files for the run directory."""
@@ -258,7 +259,8 @@ class Pass(Method):
     name = "pass"
     summary = "visual prompt + recurrent hypernetwork over channel groups emits the masks (PASS, 2024)"
     options = (
-        MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind; none = hypernetwork from a zero state"),
+        MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind, trained with the search and deployed "
+                     "(pass: none = the hypernetwork starts from a zero state)"),
         MethodOption("--prompt-size", int, None, "pad prompt frame width in px  [default: 16 px at 224 px, scaled]"),
         MethodOption("--hypernet-epochs", int, PassOptions.search_epochs, "epochs of hypernetwork + prompt training "
                      "(backbone frozen)"),
