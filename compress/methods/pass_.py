@@ -49,7 +49,7 @@ SEARCH_BN = ("batch", "running")
 class PassOptions:
     """Every knob of the search (CLI flags of `--method pass`)."""
 
-    search_epochs: int = 5
+    search_epochs: int = 2
     hypernet_lr: float = 5e-3
     prompt_lr: float = 1e-2
     lam: float = 2.0                     # weight of the FLOPs penalty
