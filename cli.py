@@ -115,6 +115,8 @@ def _method_flags(fn):
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
+@click.option("--bn-recalibration/--no-bn-recalibration", default=True, show_default=True,
+              help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
 @_method_flags
 @click.pass_context
 @handle_errors

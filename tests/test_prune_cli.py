@@ -40,6 +40,7 @@ def test_prune_writes_a_complete_run(depgraph_run, digits_run):
     out, report = depgraph_run
     assert set(report) >= PRUNE_KEYS
     assert report["command"] == "prune" and report["method"] == "depgraph"
+    assert report["bn_recalibration"] is True and 0 <= report["accuracy_slimmed"] <= 1
     assert set(report["dense"]) == {"flops", "params", "accuracy"}
     assert abs(report["flops_ratio"] - 0.5) <= 0.02
     assert report["flops"] < report["dense"]["flops"] and report["params"] < report["dense"]["params"]

@@ -301,3 +301,22 @@ def test_registry_lists_baselines_and_their_options():
         get_method("nope")
     with pytest.raises(CompressError, match="has no option"):
         get_method("l1")(sparse_train_epochs=3)
+
+
+# ------------------------------------------------------------------ pipeline helpers
+
+def test_bn_recalibration_matches_the_data_statistics():
+    from types import SimpleNamespace
+
+    from compress.data import ImageSet
+    from compress.pruning.pipeline import recalibrate_bn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    bundle = SimpleNamespace(train=ImageSet(torch.zeros(64, dtype=torch.long), images, image_size=8))
+    recalibrate_bn(net, bundle, batch_size=16)
+    feats = net[0](images.float() / 255)
+    assert torch.allclose(net[1].running_mean, feats.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(net[1].running_var, feats.var((0, 2, 3)), rtol=0.05)
+    assert net[1].momentum == 0.1 and not net.training and not net[1].training   # mode restored

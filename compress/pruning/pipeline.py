@@ -1,7 +1,8 @@
 """`compress prune` as a library call: the pipeline every pruning method shares.
 
 dense accuracy/FLOPs → channel groups → method search → masks hitting the FLOPs target (confirmed
-with real fvcore on the slimmed deployable module) → slim → accuracy before fine-tuning → fine-tune
+with real fvcore on the slimmed deployable module) → slim → BN statistics re-estimated → accuracy
+before fine-tuning → fine-tune
 (weights and prompt) → run directory with model.json "layers"/"widths", weights-only model.pt and
 report.json (design.md keys, per-stage wall times).
 """
@@ -28,6 +29,7 @@ from compress.pruning.target import SCOPES, check_ratio, select_masks, smallest_
 from compress.runs import Stopwatch, build_module, build_spec, is_run, load, read_spec
 
 RATIO_TOLERANCE = 0.02
+BN_RECALIBRATION_IMAGES = 2048
 CALIBRATION_ROUNDS = 4
 
 
@@ -35,7 +37,8 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
               model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
               image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
               seed: int = 0, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
-              subset: int | None = None, method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+              subset: int | None = None, method_options: dict[str, Any] | None = None,
+              bn_recalibration: bool = True) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
 
     Returns report.json's content. Bad input raises CompressError before any output is written.
@@ -86,7 +89,10 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
     achieved = flops / dense["flops"]
 
     start = time.perf_counter()
-    accuracy_before = _evaluate(module, bundle)
+    accuracy_slimmed = _evaluate(module, bundle)
+    if bn_recalibration:
+        recalibrate_bn(module, bundle, batch_size)
+    accuracy_before = _evaluate(module, bundle) if bn_recalibration else accuracy_slimmed
     history = []
     if finetune_epochs:
         from compress.train import fit
@@ -102,6 +108,7 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
         "input_size": list(input_size), "accuracy": accuracy, "flops": flops, "params": count_params(module),
         "method": method, "flops_ratio_target": flops_ratio, "flops_ratio": round(achieved, 6),
         "dense": dense, "accuracy_before_finetune": accuracy_before, "widths": new_spec["widths"],
+        "accuracy_slimmed": accuracy_slimmed, "bn_recalibration": bn_recalibration,
         "flops_ratio_estimate": round(estimate, 6),
         "flops_ratio_note": _ratio_note(achieved, flops_ratio, round_to),
         "scope": scope, "round_to": round_to, "finetune_epochs": finetune_epochs, "lr": lr,
@@ -174,6 +181,38 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
     spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
                       data=bundle.spec, classes=bundle.classes)
     return DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size), spec, bundle
+
+
+@torch.no_grad()
+def recalibrate_bn(module: nn.Module, bundle: DataBundle, batch_size: int = 128,
+                   images: int = BN_RECALIBRATION_IMAGES) -> None:
+    """Re-estimate BatchNorm running statistics on training images (no gradient step).
+
+    Slimming changes what every BN layer after a pruned consumer sees, so the dense running
+    statistics no longer fit; a pass over training data (cumulative average, BN layers alone in train
+    mode) restores them. This is why `accuracy_before_finetune` is far above `accuracy_slimmed`.
+    """
+    from compress.data import iterate_batches
+
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    was_training = module.training
+    module.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the recalibration batches
+        m.train()
+    seen = 0
+    for x, _y in iterate_batches(bundle.train, batch_size, shuffle=True, seed=0):
+        module(x)
+        seen += len(x)
+        if seen >= images:
+            break
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    module.train(was_training)
 
 
 def _evaluate(module: nn.Module, bundle: DataBundle) -> float:
