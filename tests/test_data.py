@@ -9,7 +9,7 @@ def _check_bundle(b, num_classes, size):
     assert b.num_classes == num_classes and b.input_size == (3, size, size)
     x, y = next(iterate_batches(b.train, 16, shuffle=True, augment=True))
     assert x.shape[1:] == (3, size, size) and x.dtype == torch.float32
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert y.dtype == torch.long and int(y.max()) < num_classes
     assert len(b.mean) == 3 and len(b.std) == 3 and min(b.std) > 0
     assert len(b.val) > 0
