@@ -73,7 +73,8 @@ class Verdict:
 
     def describe(self) -> str:
         where = f"{self.backend}, batch {self.batch_size}"
-        stat = f"Mann-Whitney p={self.p_value:.2g} vs alpha {self.gate.alpha:g}"
+        p = f"p={self.p_value:.2g}" if self.p_value > 0 else "p<1e-300"  # 0.0 is a float underflow
+        stat = f"Mann-Whitney {p} vs alpha {self.gate.alpha:g}"
         if self.gate.min_speedup is not None:
             return (f"{self.target} is {1 / self.ratio:.2f}x as fast as {self.baseline} ({where}); "
                     f"required >= {self.gate.min_speedup:.2f}x; {stat}")
