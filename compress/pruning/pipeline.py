@@ -124,7 +124,7 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
 
     report["stages_s"] = watch.stages
     report["wall_time_s"] = watch.total()
-    write_run(out, module, new_spec, report, extras=result.extras)
+    write_run(out, module, new_spec, _jsonable(report), extras=result.extras)
     watch.lap("write", start)
     return report
 
@@ -261,6 +261,21 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
             break   # on target, or the model was exact and only round-to granularity is left
         aim = min(1.0, max(1e-6, aim + (flops_ratio - real)))
     return best
+
+
+def _jsonable(value: Any) -> Any:
+    """Method stage records may hold tensors or numpy scalars; report.json needs plain values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item):      # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _ratio_note(achieved: float, target: float, round_to: int) -> str:
