@@ -55,6 +55,8 @@ def main() -> None:
 @click.option("--subset", type=int, help="Train on N images of the training split (seeded).")
 @click.option("--weights", help="torchvision weights enum to start from (needs internet).")
 @click.option("--checkpoint", type=click.Path(), help="state_dict file to start from.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Random crops and flips where the dataset allows them.")
 @handle_errors
 def train(**kwargs) -> None:
     """Train a dense model and write a run directory (model.json, model.pt, report.json)."""

@@ -35,6 +35,7 @@ class ImageSet:
     files: list[Path] | None = None
     image_size: int = 32
     flip: bool = False  # horizontal flips are label-preserving (not for digits)
+    crop: bool = True  # random-translation crops (off for centred, size-normalised Fashion-MNIST)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -53,7 +54,7 @@ class ImageSet:
     def subset(self, idx: torch.Tensor) -> ImageSet:
         images = self.images[idx] if self.images is not None else None
         files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
-        return ImageSet(self.labels[idx], images, files, self.image_size, self.flip)
+        return ImageSet(self.labels[idx], images, files, self.image_size, self.flip, self.crop)
 
 
 @dataclass
@@ -71,23 +72,25 @@ class DataBundle:
 
 def iterate_batches(ds: ImageSet, batch_size: int, shuffle: bool = False, seed: int = 0,
                     augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches; `augment` adds random crops (zero padding of size/8) and flips where valid."""
+    """Yield (x, y) batches; `augment` adds random crops (zero padding of size/8) and flips where the set allows."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=g) if shuffle else torch.arange(len(ds))
     for start in range(0, len(ds), batch_size):
         x, y = ds.batch(order[start:start + batch_size])
         if augment:
-            x = _augment(x, g, ds.flip)
+            x = _augment(x, g, ds.flip, ds.crop)
         yield x, y
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:
+def _augment(x: torch.Tensor, g: torch.Generator, flip: bool, crop: bool) -> torch.Tensor:
     n, _, h, w = x.shape
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    out = x
+    if crop:
+        pad = max(1, h // 8)
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
+        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
     if flip:
         mask = torch.rand(n, generator=g) < 0.5
         out[mask] = out[mask].flip(-1)
@@ -143,9 +146,10 @@ def _fashion(arg: str, image_size: int | None) -> DataBundle:
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise CompressError(f"Fashion-MNIST files in {root} disagree on the number of images and labels")
     train_idx, val_idx = _stratified_split(train_y, 1 / 12)  # 5000 of the official 60000
-    full = ImageSet(train_y, train_x, image_size=size, flip=True)
+    # Fashion-MNIST items are centred and size-normalised: flips help, translations mostly slow learning.
+    full = ImageSet(train_y, train_x, image_size=size, flip=True, crop=False)
     return DataBundle(f"fashion-mnist:{root}" if arg else "fashion-mnist", full.subset(train_idx),
-                      full.subset(val_idx), ImageSet(test_y, test_x, image_size=size, flip=True), 10,
+                      full.subset(val_idx), ImageSet(test_y, test_x, image_size=size, flip=True, crop=False), 10,
                       FASHION_CLASSES, (3, size, size))
 
 

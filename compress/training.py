@@ -26,7 +26,7 @@ def seed_everything(seed: int) -> None:
 
 def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch_size: int = 128, lr: float = 0.1,
               weight_decay: float = 5e-4, image_size: int | None = None, seed: int = 0, subset: int | None = None,
-              weights: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+              weights: str | None = None, checkpoint: str | None = None, augment: bool = True) -> dict[str, Any]:
     """Train a dense model and write its run directory; returns report.json's content."""
     if epochs < 1:
         raise CompressError(f"--epochs must be at least 1, got {epochs}")
@@ -42,13 +42,14 @@ def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch
     if checkpoint:
         _load_checkpoint(net, checkpoint)
     module = DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size)
-    history = fit(module, bundle, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+    history = fit(module, bundle, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+                  augment=augment)
     spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
                       data=bundle.spec, classes=bundle.classes)
     report = {"command": "train", "model": model, "data": bundle.spec, "seed": seed,
               "input_size": list(bundle.input_size), "accuracy": evaluate(module, bundle.val),
               "flops": count_flops(module, bundle.input_size), "params": count_params(module),
-              "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "augment": augment,
               "train_size": len(bundle.train), "val_size": len(bundle.val), "history": history}
     report["wall_time_s"] = watch.total()
     write_run(out, module, spec, report)
