@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.data import load_data
+from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.flops import count_flops, count_params
@@ -35,17 +35,10 @@ def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch
     check_out_dir(out)
     watch = Stopwatch()
     seed_everything(seed)
-    bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
-    size = bundle.input_size[1]
-    adapt = default_adapt(model, size)
-    net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
-    if checkpoint:
-        _load_checkpoint(net, checkpoint)
-    module = DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size)
+    module, spec, bundle = build_dense(model, data, image_size=image_size, subset=subset, seed=seed,
+                                       weights=weights, checkpoint=checkpoint)
     history = fit(module, bundle, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
                   augment=augment)
-    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
-                      data=bundle.spec, classes=bundle.classes)
     report = {"command": "train", "model": model, "data": bundle.spec, "seed": seed,
               "input_size": list(bundle.input_size), "accuracy": evaluate(module, bundle.val),
               "flops": count_flops(module, bundle.input_size), "params": count_params(module),
@@ -56,10 +49,26 @@ def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch
     return report
 
 
+def build_dense(model: str, data: str, *, image_size: int | None = None, subset: int | None = None, seed: int = 0,
+                weights: str | None = None, checkpoint: str | None = None,
+                ) -> tuple[DeployableModule, dict[str, Any], DataBundle]:
+    """A dense deployable module for `model` on `data` (sized and normalised for it), its model.json spec and
+    the data: the common start of `train` and of `prune --model`."""
+    if checkpoint and not Path(checkpoint).is_file():
+        raise CompressError(f"--checkpoint {checkpoint} does not exist")
+    bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
+    size = bundle.input_size[1]
+    adapt = default_adapt(model, size)
+    net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
+    if checkpoint:
+        _load_checkpoint(net, checkpoint)
+    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
+                      data=bundle.spec, classes=bundle.classes)
+    return DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size), spec, bundle
+
+
 def _load_checkpoint(net: torch.nn.Module, path: str) -> None:
     """Accept a plain state_dict or one saved from a DeployableModule ("net." prefix)."""
-    if not Path(path).is_file():
-        raise CompressError(f"--checkpoint {path} does not exist")
     state = load_state(Path(path))
     if isinstance(state, dict) and any(k.startswith("net.") for k in state):
         state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}

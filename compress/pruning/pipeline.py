@@ -26,7 +26,7 @@ from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, widths
 from compress.pruning.target import SCOPES, check_ratio, select_masks, smallest_ratio
-from compress.runs import Stopwatch, build_module, build_spec, is_run, load, read_spec
+from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 
 RATIO_TOLERANCE = 0.02
 BN_RECALIBRATION_IMAGES = 2048
@@ -167,20 +167,10 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
                                 f"{spec['num_classes']}")
         return module.train(), spec, bundle
 
-    from compress.models import create_model, default_adapt
-    from compress.training import _load_checkpoint
+    from compress.training import build_dense
 
-    if checkpoint and not Path(checkpoint).is_file():
-        raise CompressError(f"--checkpoint {checkpoint} does not exist")
-    bundle = load_data(data, image_size=image_size, subset=subset, seed=seed)
-    size = bundle.input_size[1]
-    adapt = default_adapt(model, size)
-    net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
-    if checkpoint:
-        _load_checkpoint(net, checkpoint)
-    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
-                      data=bundle.spec, classes=bundle.classes)
-    return DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size), spec, bundle
+    return build_dense(model, data, image_size=image_size, subset=subset, seed=seed, weights=weights,
+                       checkpoint=checkpoint)
 
 
 @torch.no_grad()
