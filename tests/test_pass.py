@@ -209,3 +209,22 @@ def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run,
         res = _prune(*common, *extra, "--out", str(tmp_path / "bad"))
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_transfer_table_replaces_only_its_own_block(tmp_path):
+    from compress.transfer import BEGIN, END, _write_docs
+
+    result = {"config": {"source_data": "digits", "source_epochs": 2, "target_data": "fashion-mnist", "subset": 600,
+                         "flops_ratio": 0.25, "finetune_epochs": 4, "seeds": [0, 1]},
+              "source": {"search_s": 12.0},
+              "summary": [{"arm": "scratch", "hypernet_epochs_target": 2, "accuracy": 0.8, "accuracy_std": 0.01,
+                           "flops_ratio": 0.25, "search_s": 30.0},
+                          {"arm": "transfer", "hypernet_epochs_target": 2, "accuracy": 0.81, "accuracy_std": 0.02,
+                           "flops_ratio": 0.25, "search_s": 31.0}]}
+    doc = tmp_path / "pass.md"
+    doc.write_text(f"# PASS\n\nOur analysis.\n\n{BEGIN}\nold table\n{END}\n\nMore text.\n")
+    _write_docs(result, doc)
+    text = doc.read_text()
+    assert "Our analysis." in text and "More text." in text and "old table" not in text
+    assert "| transfer | 2 + 2 | 0.8100 ± 0.0200 | 0.250 | 31 |" in text
+    assert "| scratch | 0 + 2 | 0.8000 ± 0.0100 | 0.250 | 30 |" in text
