@@ -14,12 +14,21 @@ from compress.errors import CompressError
 from compress.methods.hypernet import (
     HypernetConfig,
     MaskHypernet,
+    backbone_fingerprint,
     check_compatible,
     group_signature,
     group_statistics,
     prompt_tensor,
 )
-from compress.methods.pass_ import PassOptions, flops_penalty, frozen_backbone, new_hypernet, search, temperature
+from compress.methods.pass_ import (
+    PassOptions,
+    flops_penalty,
+    frozen_backbone,
+    new_hypernet,
+    reuse_hypernet,
+    search,
+    temperature,
+)
 from compress.prompt import make_prompt
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
@@ -145,6 +154,30 @@ def test_search_leaves_backbone_bitwise_unchanged_and_trains_prompt(toy):
     assert set(result.extras()["hypernet.pt"]) == set(result.hypernet.state_dict())
 
 
+def test_reuse_on_another_backbone_forgets_only_unit_identity(toy):
+    module, groups = toy
+    stats = group_statistics(module.net, groups)
+    same = backbone_fingerprint(stats)
+    with torch.no_grad():
+        module.net[0].weight.mul_(1.5)
+        module.net[4].weight.add_(0.1)                           # BN scales of the second group
+    other = backbone_fingerprint(group_statistics(module.net, groups))
+    assert other != same
+    hyper = new_hypernet(groups, True, 0.5, PassOptions(hidden=16), backbone=same)
+    with torch.no_grad():
+        for p in hyper.parameters():
+            p.normal_()
+    before = {k: v.clone() for k, v in hyper.state_dict().items()}
+    assert reuse_hypernet(hyper, same) == "all"
+    assert all(torch.equal(before[k], v) for k, v in hyper.state_dict().items())
+    assert reuse_hypernet(hyper, other) == "index-free" and hyper.config.backbone == other
+    for k, v in hyper.state_dict().items():
+        if k.startswith("heads."):
+            assert torch.allclose(v, before[k].mean(0, keepdim=True).expand_as(v)), k
+        else:
+            assert torch.equal(before[k], v), k
+
+
 def test_saved_hypernet_must_match_groups_and_prompt(toy):
     module, groups = toy
     hyper = new_hypernet(groups, True, 0.5, PassOptions(hidden=16))
@@ -202,6 +235,7 @@ def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run,
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     assert report["method_report"]["hypernet_from"] == str(pass_run) and abs(report["flops_ratio"] - 0.5) <= 0.02
+    assert report["method_report"]["hypernet_reuse"] == "all"      # the same dense parent: every weight applies
     for extra, message in ((["--hypernet-from", str(digits_run)], "no hypernet.pt"),
                            (["--hypernet-from", str(pass_run), "--prompt", "none"], "trained with a prompt"),
                            (["--hypernet-from", str(tmp_path / "nowhere")], "not a directory"),

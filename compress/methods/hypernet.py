@@ -18,6 +18,7 @@ Our choices where it is silent (docs/pass.md):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ class HypernetConfig:
     encoder_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     prompt_channels: int = 3
     use_prompt: bool = True
+    backbone: str | None = None         # fingerprint of the weights it was trained on (backbone_fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +67,8 @@ class HypernetConfig:
         try:
             return cls(groups=[[str(i), int(w)] for i, w in d["groups"]], hidden=int(d["hidden"]),
                        mask_embed=int(d["mask_embed"]), encoder_channels=[int(c) for c in d["encoder_channels"]],
-                       prompt_channels=int(d["prompt_channels"]), use_prompt=bool(d["use_prompt"]))
+                       prompt_channels=int(d["prompt_channels"]), use_prompt=bool(d["use_prompt"]),
+                       backbone=d.get("backbone"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CompressError(f"hypernetwork config is malformed ({type(exc).__name__}: {exc})") from None
 
@@ -95,6 +98,14 @@ def group_statistics(net: nn.Module, groups: list[ChannelGroup]) -> GroupStats:
     stats = torch.stack(rows).float() if rows else torch.zeros(0, STAT_DIM)
     return GroupStats([g.id for g in groups], [g.width for g in groups], stats,
                       [c.float() for c in channel], [s.float() for s in share])
+
+
+def backbone_fingerprint(stats: GroupStats) -> str:
+    """A short hash of the statistics a hypernetwork reads: equal exactly when it sees the same backbone."""
+    h = hashlib.sha1()
+    for t in (stats.stats, *stats.channel):
+        h.update(t.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _unit_norms(net: nn.Module, g: ChannelGroup) -> dict[str, torch.Tensor]:
@@ -229,6 +240,17 @@ class MaskHypernet(nn.Module):
             probs.append(soft)
             masks.append(mask)
         return MaskSample(logits, probs, masks)
+
+    @torch.no_grad()
+    def forget_channel_identity(self) -> None:
+        """Replace every head's per-unit weights and bias by their mean over the group's units.
+
+        What a head learns per unit index is about *that* backbone's unit i; in another independently
+        trained backbone unit i is an unrelated channel. The group-level part (how much of the group
+        to keep, from the LSTM state) and the feature-based ranking do carry over."""
+        for head in self.heads:
+            head.weight.copy_(head.weight.mean(0, keepdim=True).expand_as(head.weight))
+            head.bias.fill_(float(head.bias.mean()))
 
     @torch.no_grad()
     def scores(self, prompt: torch.Tensor | None, stats: GroupStats) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from compress.methods.hypernet import (
     GroupStats,
     HypernetConfig,
     MaskHypernet,
+    backbone_fingerprint,
     check_compatible,
     group_signature,
     group_statistics,
@@ -87,12 +88,13 @@ class SearchResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_times_s: list[float] = field(default_factory=list)
     transferred_from: str | None = None
+    reuse: str | None = None                    # "all" / "index-free" with --hypernet-from
 
     def report(self) -> dict[str, Any]:
         """What report.json records about the search (the hypernetwork's config included)."""
         times = self.epoch_times_s
         return {"hypernet": self.hypernet.config.to_dict(), "hypernet_file": HYPERNET_FILE,
-                "hypernet_from": self.transferred_from, "search_history": self.history,
+                "hypernet_from": self.transferred_from, "hypernet_reuse": self.reuse, "search_history": self.history,
                 "search_epoch_s": [round(t, 3) for t in self.epoch_times_s],
                 "search_epoch_s_mean": round(sum(times) / len(times), 3) if times else None}
 
@@ -143,11 +145,24 @@ def frozen_backbone(module: DeployableModule, bn: str = "running") -> Iterator[N
         module.train(was_training)
 
 
-def new_hypernet(groups: list[ChannelGroup], use_prompt: bool, target: float, opts: PassOptions) -> MaskHypernet:
+def new_hypernet(groups: list[ChannelGroup], use_prompt: bool, target: float, opts: PassOptions,
+                 backbone: str | None = None) -> MaskHypernet:
     """A fresh hypernetwork whose initial masks keep about √target of each group (FLOPs ≈ target)."""
     config = HypernetConfig(groups=group_signature(groups), hidden=opts.hidden, mask_embed=opts.mask_embed,
-                            use_prompt=use_prompt)
+                            use_prompt=use_prompt, backbone=backbone)
     return MaskHypernet(config, init_keep=math.sqrt(target))
+
+
+def reuse_hypernet(hyper: MaskHypernet, backbone: str) -> str:
+    """Adopt a loaded hypernetwork for the backbone with fingerprint `backbone`; returns how it was reused.
+
+    "all": the same backbone it was trained on (every weight applies). "index-free": another backbone
+    (e.g. the same architecture trained on other data): per-unit head weights are averaged away."""
+    same = hyper.config.backbone == backbone
+    if not same:
+        hyper.forget_channel_identity()
+    hyper.config.backbone = backbone
+    return "all" if same else "index-free"
 
 
 def load_hypernet(run_dir: str | Path, groups: list[ChannelGroup], use_prompt: bool) -> MaskHypernet:
@@ -182,11 +197,14 @@ def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup
     opts.check()
     prompt = module.prompt if prompt_tensor(module.prompt) is not None else None
     use_prompt = prompt is not None
+    stats = group_statistics(module.net, groups)
+    backbone = backbone_fingerprint(stats)
+    reuse = None
     if opts.hypernet_from:
         hyper = load_hypernet(opts.hypernet_from, groups, use_prompt)
+        reuse = reuse_hypernet(hyper, backbone)
     else:
-        hyper = new_hypernet(groups, use_prompt, target, opts)
-    stats = group_statistics(module.net, groups)
+        hyper = new_hypernet(groups, use_prompt, target, opts, backbone)
     flops = FlopsModel.for_groups(groups)
     param_groups = [{"params": list(hyper.parameters()), "lr": opts.hypernet_lr}]
     if prompt is not None and opts.prompt_lr > 0:
@@ -238,7 +256,7 @@ def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup
                      f"acc {record['train_acc']:.4f}  {record['time_s']:.1f}s")
     hyper.eval()
     scores = hyper.scores(prompt_tensor(prompt), stats)
-    return SearchResult(hyper, stats, scores, history, times, opts.hypernet_from)
+    return SearchResult(hyper, stats, scores, history, times, opts.hypernet_from, reuse)
 
 
 # ---------------------------------------------------------------- the method
