@@ -112,7 +112,7 @@ def _method_flags(fn):
               help="Rank units across groups (global) or keep one ratio per group (local).")
 @click.option("--round-to", default=8, show_default=True, type=int, help="Pruned widths are multiples of K.")
 @click.option("--finetune-epochs", default=5, show_default=True, type=int, help="Fine-tuning after slimming.")
-@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak SGD learning rate (cosine to 0).")
+@click.option("--lr", default=0.05, show_default=True, type=float, help="Peak SGD learning rate (cosine to 0).")
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -36,7 +36,7 @@ CALIBRATION_ROUNDS = 4
 def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, source: str | Path | None = None,
               model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
               image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
-              seed: int = 0, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
+              seed: int = 0, lr: float = 0.05, batch_size: int = 128, weight_decay: float = 5e-4,
               subset: int | None = None, method_options: dict[str, Any] | None = None,
               bn_recalibration: bool = True) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
