@@ -65,14 +65,8 @@ def _convert_node(node: onnx.NodeProto) -> None:
 def _cast_inputs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Insert `x → Cast(fp16)` after every fp32 graph input and rewire its consumers."""
     casts = []
-    for inp in graph.input:
-        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = f"{inp.name}_fp16"
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == inp.name:
-                    node.input[i] = half
+    for inp in _fp32(graph.input):
+        half = _rename(graph, inp.name, f"{inp.name}_fp16", producers=False)
         casts.append(helper.make_node("Cast", [inp.name], [half], to=TensorProto.FLOAT16, name=f"{half}_cast"))
     return casts
 
@@ -80,16 +74,22 @@ def _cast_inputs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 def _cast_outputs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Rename each fp32 graph output's producer to `<name>_fp16` and Cast it back to fp32."""
     casts = []
-    for out in graph.output:
-        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = f"{out.name}_fp16"
-        for node in graph.node:
-            for i, name in enumerate(node.output):
-                if name == out.name:
-                    node.output[i] = half
-            for i, name in enumerate(node.input):
-                if name == out.name:
-                    node.input[i] = half
+    for out in _fp32(graph.output):
+        half = _rename(graph, out.name, f"{out.name}_fp16", producers=True)
         casts.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT, name=f"{out.name}_cast"))
     return casts
+
+
+def _fp32(values) -> list[onnx.ValueInfoProto]:
+    return [v for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str, producers: bool) -> str:
+    """Point every consumer (and with `producers`, the producer) of tensor `old` at `new`."""
+    for node in graph.node:
+        fields = (node.input, node.output) if producers else (node.input,)
+        for names in fields:
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new
+    return new
