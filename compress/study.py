@@ -368,7 +368,7 @@ def markdown_table(results: dict[str, Any], plot_name: str) -> str:
         f"Study wall time {results['study_wall_s']:.0f} s ({results['runs_done']} runs done, "
         f"{results['runs_reused']} reused), process CPU time {results['study_cpu_s']:.0f} s; "
         f"{host['cpus']} CPUs, {host['torch_threads']} torch threads, load average {load[0]} at start and "
-        f"{load[1]} at the end (a shared machine: wall times are inflated by the load).",
+        f"{load[1]} at the end (a load above the CPU count inflates the wall times).",
     ]
     if results["missing"]:
         lines.append(f"Missing (not registered when the study ran): {', '.join(results['missing'])}.")
