@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.prompt import PROMPT_KINDS
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class MethodOption:
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
+
+
+# The visual-prompt flags of every prompted method (vpns, pass): one declaration, so one meaning.
+PROMPT_OPTIONS = (
+    MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind, trained with the search and deployed "
+                 "(pad: learnable frame around the resized image; none: the same search without a prompt, "
+                 "and for pass a hypernetwork that starts from a zero state)"),
+    MethodOption("--prompt-size", int, None, "pad prompt frame width in px  [default: 16 px at 224 px, scaled]"),
+)
 
 
 @dataclass

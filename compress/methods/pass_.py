@@ -23,7 +23,7 @@ from torch import nn
 from compress.data import DataBundle, iterate_batches
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
-from compress.methods.base import Method, MethodOption, PruneContext, register
+from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, register
 from compress.methods.base import SearchResult as MethodResult
 from compress.methods.hypernet import (
     GroupStats,
@@ -36,7 +36,7 @@ from compress.methods.hypernet import (
     prompt_tensor,
 )
 from compress.progress import EpochBar, progress_bars
-from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
+from compress.prompt import make_prompt, prompt_spec
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
@@ -277,9 +277,7 @@ class Pass(Method):
     name = "pass"
     summary = "visual prompt + recurrent hypernetwork over channel groups emits the masks (PASS, 2024)"
     options = (
-        MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind, trained with the search and deployed "
-                     "(pass: none = the hypernetwork starts from a zero state)"),
-        MethodOption("--prompt-size", int, None, "pad prompt frame width in px  [default: 16 px at 224 px, scaled]"),
+        *PROMPT_OPTIONS,
         MethodOption("--hypernet-epochs", int, PassOptions.search_epochs, "epochs of hypernetwork + prompt training "
                      "(backbone frozen)"),
         MethodOption("--hypernet-lr", float, PassOptions.hypernet_lr, "Adam learning rate of encoder + LSTM + heads"),

@@ -28,7 +28,7 @@ from torch import nn
 from compress.data import DataBundle, iterate_batches
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
-from compress.methods.base import Method, MethodOption, PruneContext, SearchResult, register
+from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, SearchResult, register
 from compress.methods.fit_target import fit_to_target
 from compress.progress import EpochBar, progress_bars
 from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
@@ -82,9 +82,7 @@ class VPNs(Method):
     name = "vpns"
     summary = "visual prompt + channel scores trained jointly, hard global-threshold masks (Jin et al. 2023)"
     options = (
-        MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt trained with the masks and deployed "
-                     "(pad: learnable frame around the resized image; none: the same search without a prompt)"),
-        MethodOption("--prompt-size", int, None, "pad frame width in px  [default: 16 px at 224 px, scaled]"),
+        *PROMPT_OPTIONS,
         MethodOption("--warmup-epochs", int, 1, "VPNs: dense weight + prompt warm-up epochs (reference 5)"),
         MethodOption("--warmup-lr", float, 0.01, "VPNs: SGD learning rate of the warm-up (cosine)"),
         MethodOption("--score-epochs", int, 1, "VPNs: mask-search epochs, weights frozen (reference 5)"),
