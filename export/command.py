@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from compress.errors import CompressError
-from export.files import temp_beside, write_atomic
+from compress.files import write_atomic
+from export.files import temp_beside
 from export.result import ExportResult
 
 TENSORRT_ONLY = ("fp16", "workspace", "timing_cache", "min_batch", "opt_batch", "max_batch")

@@ -37,18 +37,6 @@ def keep_failed(tmp: Path, out: Path) -> Path:
     return failed
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def print_note(message: str) -> None:
     """Status lines go to stderr, keeping stdout for the result table."""
     from compress.progress import console

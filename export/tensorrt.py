@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from compress.errors import CheckFailed, CompressError
-from export.files import failed_path, keep_failed, print_note, temp_beside, write_atomic
+from compress.files import write_atomic
+from export.files import failed_path, keep_failed, print_note, temp_beside
 from export.onnx import DEFAULT_OPSET, OnnxRunner, onnx_input_shape, to_onnx
 from export.parity import (
     FP16_TOLERANCE,

@@ -246,7 +246,8 @@ def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run,
 
 
 def test_transfer_table_replaces_only_its_own_block(tmp_path):
-    from compress.transfer import BEGIN, END, _write_docs
+    from compress.files import write_generated_block
+    from compress.transfer import BEGIN, END, markdown
 
     result = {"config": {"source_data": "digits", "source_epochs": 2, "target_data": "fashion-mnist", "subset": 600,
                          "flops_ratio": 0.25, "finetune_epochs": 4, "seeds": [0, 1]},
@@ -257,7 +258,7 @@ def test_transfer_table_replaces_only_its_own_block(tmp_path):
                            "flops_ratio": 0.25, "search_s": 31.0}]}
     doc = tmp_path / "pass.md"
     doc.write_text(f"# PASS\n\nOur analysis.\n\n{BEGIN}\nold table\n{END}\n\nMore text.\n")
-    _write_docs(result, doc)
+    write_generated_block(doc, BEGIN, END, markdown(result))
     text = doc.read_text()
     assert "Our analysis." in text and "More text." in text and "old table" not in text
     assert "| transfer | 2 + 2 | 0.8100 ± 0.0200 | 0.250 | 31 |" in text
