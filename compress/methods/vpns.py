@@ -35,6 +35,7 @@ from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
 from compress.pruning.importance import group_sq_norms
+from compress.pruning.pipeline import recalibrate_bn
 from compress.train import evaluate
 
 # Added to the scores of units a cap protects: they rank above every other unit, so the targeting
@@ -397,8 +398,8 @@ def search_masks(module: DeployableModule, groups: list[ChannelGroup], data: Dat
 
         def on_epoch() -> dict:
             gates.set_masks(selector(params))
-            if settings.search_bn == "batch":
-                recalibrate_bn(module, data, settings.batch_size)
+            if settings.search_bn == "batch":   # evaluate the masked network on its own BN statistics
+                recalibrate_bn(module, data, settings.batch_size, images=10 * settings.batch_size, seed=12345)
             return {"val_acc_masked": round(evaluate(module, data.val), 5)}
 
         history, times = run_epochs(data, settings.score_epochs, settings.batch_size, seed, "vpns mask search",
@@ -407,25 +408,6 @@ def search_masks(module: DeployableModule, groups: list[ChannelGroup], data: Dat
         scores[gid] = p.detach().clone()
     accuracy = history[-1]["val_acc_masked"] if history else None
     return StageRecord(settings.score_epochs, _mean(times), accuracy, history)
-
-
-@torch.no_grad()
-def recalibrate_bn(module: DeployableModule, data: DataBundle, batch_size: int, batches: int = 10) -> None:
-    """Re-estimate BN running statistics of the (gated) network on a few training batches, so a search-time
-    evaluation measures the masked network rather than the dense statistics (restored after the search)."""
-    norms = [m for m in module.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None   # cumulative average over the calibration batches
-    module.train()
-    for i, (x, _) in enumerate(iterate_batches(data.train, batch_size, shuffle=True, seed=12345)):
-        if i == batches:
-            break
-        module(x)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    module.eval()
 
 
 def _mean(values: list[float]) -> float | None:

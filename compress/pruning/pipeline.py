@@ -175,7 +175,7 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
 
 @torch.no_grad()
 def recalibrate_bn(module: nn.Module, bundle: DataBundle, batch_size: int = 128,
-                   images: int = BN_RECALIBRATION_IMAGES) -> None:
+                   images: int = BN_RECALIBRATION_IMAGES, seed: int = 0) -> None:
     """Re-estimate BatchNorm running statistics on training images (no gradient step).
 
     Slimming changes what every BN layer after a pruned consumer sees, so the dense running
@@ -195,7 +195,7 @@ def recalibrate_bn(module: nn.Module, bundle: DataBundle, batch_size: int = 128,
         m.momentum = None          # cumulative average over the recalibration batches
         m.train()
     seen = 0
-    for x, _y in iterate_batches(bundle.train, batch_size, shuffle=True, seed=0):
+    for x, _y in iterate_batches(bundle.train, batch_size, shuffle=True, seed=seed):
         module(x)
         seen += len(x)
         if seen >= images:
