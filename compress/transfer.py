@@ -122,15 +122,17 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--source-data", required=True, help="source data spec (e.g. digits)")
 @click.option("--from", "target_from", required=True, type=click.Path(exists=True), help="dense run on the target")
 @click.option("--data", "target_data", required=True, help="target data spec (e.g. fashion-mnist)")
-@click.option("--subset", type=int, default=6000, show_default=True, help="target training images")
-@click.option("--flops-ratio", type=float, default=0.25, show_default=True)
-@click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--source-epochs", type=int, default=2, show_default=True, help="hypernetwork epochs on the source")
-@click.option("--hypernet-epochs", type=int, default=2, show_default=True, help="hypernetwork epochs on the target")
-@click.option("--finetune-epochs", type=int, default=4, show_default=True)
-@click.option("--round-to", type=int, default=1, show_default=True)
-@click.option("--work", default="runs/transfer", show_default=True)
-@click.option("--docs", default="docs/pass.md", show_default=True)
+@click.option("--subset", type=int, default=TransferConfig.subset, show_default=True, help="target training images")
+@click.option("--flops-ratio", type=float, default=TransferConfig.flops_ratio, show_default=True)
+@click.option("--seeds", default=",".join(map(str, TransferConfig.seeds)), show_default=True)
+@click.option("--source-epochs", type=int, default=TransferConfig.source_epochs, show_default=True,
+              help="hypernetwork epochs on the source")
+@click.option("--hypernet-epochs", type=int, default=TransferConfig.hypernet_epochs, show_default=True,
+              help="hypernetwork epochs on the target")
+@click.option("--finetune-epochs", type=int, default=TransferConfig.finetune_epochs, show_default=True)
+@click.option("--round-to", type=int, default=TransferConfig.round_to, show_default=True)
+@click.option("--work", default=TransferConfig.work, show_default=True)
+@click.option("--docs", default=TransferConfig.docs, show_default=True)
 def main(seeds: str, **kwargs) -> None:
     """Transfer of a PASS hypernetwork between datasets vs training one from scratch."""
     from compress.errors import CompressError
