@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compress.data import iterate_batches, load_data
+from compress.files import write_atomic
 from compress.methods.base import PruneContext, get_method
 from compress.pruning.groups import find_groups
 from compress.runs import Stopwatch, load
@@ -92,7 +93,7 @@ def main(source: str, data_spec: str, subset: int, ratio: float, rounds: int, ba
     """Per-epoch search cost of PASS vs VPNs vs a plain frozen-backbone epoch (CPU seconds, 1 thread)."""
     result = measure(source, data_spec, subset, ratio, rounds, batch_size)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        write_atomic(Path(json_path), (json.dumps(result, indent=1) + "\n").encode())
     med = result["median_cpu_s"]
     click.echo(f"one search epoch ({result['steps_per_epoch']} steps of {batch_size}), median CPU s over {rounds} "
                f"rounds: pass {med['pass']:.2f}  vpns {med['vpns']:.2f}  plain {med['plain']:.2f}  →  "
