@@ -127,7 +127,7 @@ def prune(ctx: click.Context, **kw) -> None:
     from click.core import ParameterSource
 
     from compress.methods import all_options, get_method
-    from compress.pruning.pipeline import prune_run
+    from compress.pipeline import prune_run
     from compress.pruning.summary import print_prune
 
     method = get_method(kw["method"])

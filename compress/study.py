@@ -187,7 +187,7 @@ def _dense_parent(config: StudyConfig, out: Path) -> dict[str, Any]:
 
 def _prune(config: StudyConfig, spec: MethodSpec, ratio: float, seed: int, dense_dir: Path,
            work: Path) -> dict[str, Any]:
-    from compress.pruning.pipeline import prune_run
+    from compress.pipeline import prune_run
 
     out = work / spec.slug / f"r{ratio:g}" / f"s{seed}"
     key = {"source": str(dense_dir), "dense": _read_key(dense_dir), "method": spec.name, "options": spec.options,

@@ -53,7 +53,7 @@ class TransferConfig:
 
 def _run(out: Path, key: dict[str, Any], **kwargs) -> dict[str, Any]:
     """prune_run into `out`, or its existing report when it was made with the same `key`."""
-    from compress.pruning.pipeline import prune_run
+    from compress.pipeline import prune_run
 
     report, reused = reuse_or_run(out, key, lambda: prune_run(out, **kwargs), marker="transfer.json")
     return {**report, "reused": reused}

@@ -17,7 +17,7 @@ from test_export import independent_parity, make_run
 import compress
 from cli import main
 from compress.flops import count_params
-from compress.pruning.pipeline import prune_run
+from compress.pipeline import prune_run
 from export import read_metadata
 from export.parity import FP32_TOLERANCE
 

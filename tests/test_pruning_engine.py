@@ -309,7 +309,7 @@ def test_bn_recalibration_matches_the_data_statistics():
     from types import SimpleNamespace
 
     from compress.data import ImageSet
-    from compress.pruning.pipeline import recalibrate_bn
+    from compress.pipeline import recalibrate_bn
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()

@@ -133,7 +133,7 @@ def test_settings_are_checked():
 
 
 def test_prune_with_vpns_deploys_the_prompt_exports_it_and_reloads_exactly(digits_run, tmp_path):
-    from compress.pruning.pipeline import prune_run
+    from compress.pipeline import prune_run
     from export import to_onnx
 
     out = tmp_path / "v"

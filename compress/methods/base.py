@@ -4,7 +4,7 @@ A method only *decides what to keep*: it gets a `PruneContext` (the dense deploy
 channel groups, FLOPs model, target) and returns a `SearchResult` — per-unit scores (the pipeline
 turns them into masks that hit the FLOPs target, confirmed with real fvcore) or final masks, plus
 optionally a visual prompt and extra files. Slimming, fine-tuning and writing the run directory are
-the common pipeline's job (compress/pruning/pipeline.py).
+the common pipeline's job (compress/pipeline.py).
 
 New methods plug in without touching this package's code: put a module in compress/methods/ that
 defines a `Method` subclass decorated with `@register`; its `options` become `compress prune` flags.

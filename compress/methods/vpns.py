@@ -30,12 +30,12 @@ from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, SearchResult, register
 from compress.methods.fit_target import fit_to_target
+from compress.pipeline import recalibrate_bn
 from compress.progress import EpochBar, progress_bars
 from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
 from compress.pruning.importance import group_sq_norms
-from compress.pruning.pipeline import recalibrate_bn
 from compress.train import evaluate
 
 # Added to the scores of units a cap protects: they rank above every other unit, so the targeting
