@@ -7,7 +7,7 @@ from compress.models import create_model, default_adapt
 # A dozen-plus architectures across families: residual, plain, depthwise, dense, grouped, attention.
 ARCHS = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
          "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "convnext_tiny", "vit_b_16", "mnasnet0_5",
-         "resnet20", "resnet56"]
+         "resnet20", "resnet56", "efficientnet_lite0"]
 
 
 @pytest.mark.parametrize("name", ARCHS)

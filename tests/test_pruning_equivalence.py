@@ -18,7 +18,8 @@ from torch import nn
 from compress.models import create_model
 from compress.pruning import Gates, find_groups, slim
 
-SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf"]
+SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+         "efficientnet_lite0"]
 LARGE = ["resnet50", "vgg16_bn", "densenet121", "convnext_tiny", "vit_b_16"]   # one example each: time budget
 SIZE = 32
 

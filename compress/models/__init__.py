@@ -31,8 +31,9 @@ class Family(Protocol):
 
 def _families() -> list[Family]:
     from compress.models.cifar import CifarFamily
+    from compress.models.lite0 import Lite0Family
 
-    return [CifarFamily(), TorchvisionFamily()]
+    return [CifarFamily(), Lite0Family(), TorchvisionFamily()]
 
 
 FAMILIES: list[Family] = _families()

@@ -54,6 +54,8 @@ CHANNEL_SAFE_OPS = {
 HEAD_SAFE_OPS = {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0"}
 # Reductions over these dims of an NCHW tensor would mix channels.
 _REDUCTIONS = {"MeanBackward1", "SumBackward1"}
+# Constant padding keeps channels separate when it pads only H and W (4 amounts; e.g. TF "SAME" padding).
+_PADS = {"ConstantPadNdBackward0"}
 
 
 @dataclass(eq=False)
@@ -374,6 +376,8 @@ def _check_ops(ops, root: str, is_heads: bool) -> None:
                                               "_OutputOp", "_UnbindOp"):
             continue
         allowed = op in CHANNEL_SAFE_OPS or (is_heads and op in HEAD_SAFE_OPS)
+        if op in _PADS:
+            allowed = len(getattr(fn, "_saved_pad", ())) == 4
         if allowed and op in _REDUCTIONS:
             dims = getattr(fn, "_saved_dim", ())
             sizes = getattr(fn, "_saved_self_sym_sizes", ())
