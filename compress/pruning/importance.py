@@ -15,39 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from compress.pruning.groups import ChannelGroup, Member
-
-
-def _per_channel_sq(mod: nn.Module, m: Member) -> torch.Tensor | None:
-    """Squared L2 norm of the weight slice of each channel along the member's pruned dimension."""
-    w = getattr(mod, "weight", None)
-    if w is None:
-        return None
-    if m.layer in ("conv", "linear", "gconv") and m.side == "in":
-        if m.layer == "gconv":
-            groups = mod.groups
-            per_in = w.shape[1]
-            return w.pow(2).reshape(groups, w.shape[0] // groups, per_in, -1).sum((1, 3)).flatten()
-        return w.pow(2).transpose(0, 1).flatten(1).sum(1)
-    if m.layer in ("conv", "linear", "gconv", "dwconv"):
-        return w.pow(2).flatten(1).sum(1)
-    if m.layer == "norm":
-        return w.pow(2)
-    return None
+from compress.pruning.coupled import group_slices
+from compress.pruning.groups import ChannelGroup
 
 
 def group_sq_norms(group: ChannelGroup) -> torch.Tensor:
     """Σ over the group's coupled weights of the squared L2 norm of each unit (differentiable)."""
-    net = group.graph.net
     total = None
-    for m in group.items:
-        per = _per_channel_sq(net.get_submodule(m.name), m)
-        if per is None:
-            continue
-        contrib = torch.zeros(group.width, dtype=per.dtype, device=per.device)
-        contrib = contrib.index_add(0, m.unit.to(per.device), per[m.idx.to(per.device)])
+    for s in group_slices(group):
+        contrib = s.unit_sums(s.gather(s.param).pow(2), group.width)
         total = contrib if total is None else total + contrib
     if total is None:
         raise ValueError(f"group {group.id} has no weights to score")
