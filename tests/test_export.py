@@ -139,15 +139,15 @@ def test_parity_on_real_validation_images(digits_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def prompted_run(runs) -> Path:
-    """resnet20 behind a pad visual prompt (bilinear resize + learnt frame + clamp)."""
-    return make_run(runs, "resnet20", prompt={"kind": "pad", "image_size": SIZE, "size": 3}, name="prompted")
+    """resnet20 behind a resize-pad visual prompt (bilinear resize + learnt frame + clamp)."""
+    return make_run(runs, "resnet20", prompt={"kind": "resize-pad", "image_size": SIZE, "size": 3}, name="prompted")
 
 
 def test_visual_prompt_is_part_of_the_graph(prompted_run, tmp_path):
     run_dir = prompted_run
     out = tmp_path / "prompted.onnx"
     assert run_cli(run_dir, "--out", out, "--dynamic-batch").exit_code == 0
-    assert "Resize" in {n.op_type for n in onnx.load(str(out)).graph.node}  # the pad prompt's inner resize
+    assert "Resize" in {n.op_type for n in onnx.load(str(out)).graph.node}  # the prompt's inner resize
     assert read_metadata(out)["prompt"] == "true"
     assert independent_parity(run_dir, out, 3) <= FP32_TOLERANCE
 

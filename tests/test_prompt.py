@@ -8,8 +8,27 @@ from compress.prompt import build_prompt, make_prompt, prompt_spec
 from compress.runs import build_spec, load, write_run
 
 
-def test_pad_prompt_starts_as_resize_and_pad_and_learns_only_the_frame():
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_pad_prompt_leaves_the_image_bit_identical_at_full_resolution(training):
+    p = make_prompt("pad", 224).train(training)
+    assert p.size == 16                                       # the reference's 16 px frame at 224 px
+    x = torch.rand(2, 3, 224, 224)
+    x[0, :, :5] = 0.0                                         # black and white borders sit on the clamp bounds
+    x[1, :, -5:] = 1.0
+    assert torch.equal(p(x), x)
+
+
+def test_pad_prompt_adds_the_frame_over_the_image_border_only():
     p = make_prompt("pad", 16, 2)
+    with torch.no_grad():
+        p.delta.fill_(0.25)
+    x = torch.full((1, 3, 16, 16), 0.5)
+    y = p(x).detach()
+    assert torch.equal(y[..., 2:14, 2:14], x[..., 2:14, 2:14]) and float(y[..., :2, :].min()) == 0.75
+
+
+def test_resize_pad_prompt_starts_as_resize_and_pad_and_learns_only_the_frame():
+    p = make_prompt("resize-pad", 16, 2)
     x = torch.rand(2, 3, 16, 16)
     y = p(x)
     assert y.shape == x.shape and float(y[..., :2, :].detach().abs().max()) == 0.0  # zero frame at init
@@ -30,7 +49,12 @@ def test_prompt_size_is_validated():
         make_prompt("pad", 16, 8)
 
 
-@pytest.mark.parametrize("kind", ["pad", "additive"])
+def test_old_pad_spec_rebuilds_the_shrinking_prompt_it_meant():
+    assert type(build_prompt({"kind": "pad", "image_size": 16, "size": 2})).__name__ == "ResizePadPrompt"
+    assert type(build_prompt({"kind": "pad", "version": 2, "image_size": 16, "size": 2})).__name__ == "PadPrompt"
+
+
+@pytest.mark.parametrize("kind", ["pad", "resize-pad", "additive"])
 def test_prompt_saved_and_reloaded_exactly(tmp_path, kind):
     prompt = make_prompt(kind, 16)
     with torch.no_grad():

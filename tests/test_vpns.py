@@ -144,7 +144,7 @@ def test_prune_with_vpns_deploys_the_prompt_exports_it_and_reloads_exactly(digit
     assert set(report["search"]) == {"warmup", "mask_search"}
     assert report["method_report"]["vpns"]["mask_search_epoch_s"] > 0
     spec = json.loads((out / "model.json").read_text())
-    assert spec["prompt"] == {"kind": "pad", "image_size": 16, "size": 2}
+    assert spec["prompt"] == {"kind": "pad", "version": 2, "image_size": 16, "size": 2}
 
     module = load(out)
     assert float(module.prompt.delta.detach().abs().max()) > 0
@@ -154,7 +154,7 @@ def test_prune_with_vpns_deploys_the_prompt_exports_it_and_reloads_exactly(digit
     result = to_onnx(module, tmp_path / "v.onnx")
     assert result.parity is not None and result.parity.passed
     graph = onnx.load(str(tmp_path / "v.onnx")).graph
-    assert {"Resize", "Pad", "Clip"} <= {n.op_type for n in graph.node}      # resize, zero frame, clamp
+    assert {"Add", "Clip"} <= {n.op_type for n in graph.node}              # frame added, clamp
     frame = (module.prompt.delta * module.prompt.mask).detach().numpy()
     consts = [onnx.numpy_helper.to_array(t) for t in graph.initializer if list(t.dims) == [1, 3, 16, 16]]
     assert any(c.shape == frame.shape and abs(c - frame).max() < 1e-6 for c in consts)   # the learned frame
