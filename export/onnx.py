@@ -206,8 +206,7 @@ class OnnxRunner:
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 0,
                  providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -236,9 +235,31 @@ class OnnxRunner:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+def import_onnxruntime():
+    """onnxruntime, or one line saying which extra installs it: the CPU and GPU wheels are the same
+    module and must never be installed together, so neither is a base dependency (docs/export.md)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CompressError('ONNX Runtime is not installed: pip install -e ".[cpu]" (or ".[gpu]" on a CUDA '
+                            "machine)") from None
+    return onnxruntime
+
+
 def onnx_input_shape(path: str | os.PathLike) -> tuple[int | str, ...]:
     """Shape of the first graph input, symbolic dims as their names (e.g. ("batch", 3, 32, 32))."""
-    return tuple(_shape(_load_graph_only(path).graph.input[0]))
+    return onnx_input(path)[1]
+
+
+def onnx_input(path: str | os.PathLike) -> tuple[str, tuple[int | str, ...]]:
+    """(name, shape) of the first real graph input: files from other exporters name it anything
+    ("input.1", "x", "pixel_values"), and old IR versions list initializers among the inputs."""
+    graph = _load_graph_only(path).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if not inputs:
+        raise CompressError(f"{path} has no graph input")
+    return inputs[0].name, tuple(_shape(inputs[0]))
 
 
 def require_batch_size(shape_or_path: Sequence[int | str] | str | os.PathLike, batch_size: int,
