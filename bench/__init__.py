@@ -6,9 +6,9 @@
     run.speedups[0].fidelity
 """
 
+from bench.backends import RUNNERS, default_backends, parse_backends
 from bench.gate import Gate, Verdict, judge_all, pairs_against_saved, verdict_line
 from bench.measure import Result, Settings
-from bench.runners import RUNNERS, default_backends, parse_backends
 from bench.session import BenchRun, Skip, benchmark
 from bench.targets import Target, resolve_targets
 

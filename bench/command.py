@@ -10,12 +10,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.backends import parse_backends
 from bench.compare import pair_with_baseline
 from bench.gate import Gate, Verdict, judge_all, pairs_against_saved, verdict_line
 from bench.host import busy_warning, physical_cores
 from bench.measure import Result, Settings
 from bench.report import load_saved, table, to_json, write_json
-from bench.runners import parse_backends
 from bench.session import BenchRun, benchmark, check_batch_sizes
 from bench.targets import Target, resolve_targets
 from compress.errors import CheckFailed, CompressError
@@ -35,7 +35,8 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
                   threads: int | None = None, json_path: str | None = None, plot: str | None = None,
                   baseline: str | None = None, max_regression: float | None = None,
                   min_speedup: float | None = None, alpha: float = 0.01, clock: str | None = None, warmup: float = 0.2,
-                  duration: float = 2.0, min_iters: int = 10, out: Console | None = None) -> BenchRun:
+                  duration: float = 2.0, min_iters: int = 10, tf32: bool = False,
+                  out: Console | None = None) -> BenchRun:
     """Run one bench; raises CheckFailed (exit 1) after writing all output when the gate fails."""
     out = out or _stdout()
     if threads is not None and threads < 1:
@@ -57,7 +58,8 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
         raise CompressError("--plot draws latency against FLOPs, and no target records FLOPs (ONNX files "
                             "without export metadata and engine files have none)")
     threads, clock = _threads_and_clock(threads, clock, gate, saved_settings)
-    settings = Settings(threads=threads, warmup_s=warmup, min_time_s=duration, min_iters=min_iters, clock=clock)
+    settings = Settings(threads=threads, warmup_s=warmup, min_time_s=duration, min_iters=min_iters, clock=clock,
+                        tf32=tf32)
 
     from compress.progress import console
 

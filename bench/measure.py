@@ -32,6 +32,7 @@ class Settings:
     max_iters: int = 20_000
     block_s: float = 0.01
     clock: str = "wall"  # or "cpu": thread CPU time, one thread only (bench.runners.CLOCKS)
+    tf32: bool = False  # let fp32 math round to TF32 on the CUDA backends that offer the choice
 
     def __post_init__(self):
         if self.threads < 1:
@@ -60,6 +61,7 @@ class Result:
     timing: str
     cold_start_ms: float  # preparing this batch size + first run (compilation, autotuning, engine build)
     load_ms: float  # building the session / module / engine for this target
+    tf32: bool | None = None  # fp32 math allowed to round to TF32; None: no such thing (CPU) or unknown
 
 
 @dataclass
@@ -129,4 +131,5 @@ def to_result(c: Contender, backend: str, batch_size: int) -> Result:
     samples = np.concatenate(c.samples)
     return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
                   summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
-                  device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms)
+                  device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms,
+                  tf32=c.runner.uses_tf32())

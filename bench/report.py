@@ -34,6 +34,7 @@ def result_record(r: Result) -> dict[str, Any]:
         "flops": r.flops, "params": r.params,
         "mean_ms": s.mean_ms, "min_ms": s.min_ms, "n": s.n, "unstable": s.unstable,
         "device": r.device, "timing": r.timing, "cold_start_ms": r.cold_start_ms, "load_ms": r.load_ms,
+        "tf32": r.tf32,
     }
 
 
@@ -111,7 +112,7 @@ def load_saved(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
                           samples_ms=samples, summary=summarize(samples, int(row["batch_size"])),
                           flops=row["flops"], params=row["params"], device=row.get("device", "?"),
                           timing=row.get("timing", "?"), cold_start_ms=row.get("cold_start_ms", math.nan),
-                          load_ms=row.get("load_ms", math.nan)))
+                          load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32")))
     settings = doc.get("settings")
     return out, settings if isinstance(settings, dict) else {}
 
@@ -152,3 +153,4 @@ def table(run: BenchRun) -> Table:
                   f"{s.p99_ms:.3f}", cv, f"{s.throughput:,.0f}", human(r.flops), human(r.params),
                   f"{r.cold_start_ms:.0f}", speed, fidelity)
     return t
+

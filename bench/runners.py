@@ -3,12 +3,14 @@
 The interface is deliberately small — `load(target)`, `prepare(batch_size)`, `run(batch)`,
 `time(batch, iterations)` — so measurement and comparison live elsewhere and treat every backend
 alike. A runner class says why it cannot run on this machine (`unavailable`) or cannot run a
-kind of target (`accepts`), so missing GPUs or libraries become a printed skip, not a crash.
+kind of target (`rejects`), so missing GPUs or libraries become a printed skip, not a crash; one
+that turns out unable to run only once it loads (an ONNX Runtime provider falling back to the CPU)
+raises BackendUnavailable, which bench also turns into a skip. This module holds the CPU runners;
+bench/gpu_runners.py the CUDA ones, bench/backends.py the registry.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time as _time
 from abc import ABC, abstractmethod
@@ -29,20 +31,29 @@ CLOCKS = {
 }
 
 
+class BackendUnavailable(CompressError):
+    """A backend found unable to run only while loading a target: bench skips it with this reason."""
+
+
 class Runner(ABC):
-    """One target loaded on one backend."""
+    """One target loaded on one backend.
+
+    `tf32`: whether fp32 convolutions and matmuls may use TF32 on backends where that is a choice
+    (CUDA ones); `uses_tf32()` reports what the runner actually did, recorded with every result.
+    """
 
     name: ClassVar[str]
     device: ClassVar[str] = "cpu"
     accepts: ClassVar[tuple[str, ...]] = ("run",)
     default: ClassVar[bool] = True  # part of the default backend set when available
 
-    def __init__(self, threads: int, scratch: Path, clock: str = "wall"):
+    def __init__(self, threads: int, scratch: Path, clock: str = "wall", tf32: bool = False):
         if clock not in CLOCKS:
             raise CompressError(f"unknown clock {clock!r}; use one of {', '.join(CLOCKS)}")
         self.threads = threads
         self.scratch = scratch
         self.clock = clock if self.device == "cpu" else "wall"  # GPU work is timed on the GPU or synchronously
+        self.tf32 = tf32
         self.target: Target | None = None
 
     @classmethod
@@ -73,6 +84,15 @@ class Runner(ABC):
         """How `time` measures, recorded with every result."""
         return CLOCKS[self.clock][1]
 
+    def uses_tf32(self) -> bool | None:
+        """Whether fp32 math may round to TF32 here; None where TF32 does not exist (CPUs) or is unknown."""
+        return None
+
+    @property
+    def cpu_threads(self) -> int:
+        """Threads of this process that a run keeps busy (the host thread alone for GPU backends)."""
+        return self.threads if self.device == "cpu" else 1
+
     def time(self, batch: Any, iterations: int) -> np.ndarray:
         """Milliseconds of each of `iterations` back-to-back runs."""
         out = np.empty(iterations)
@@ -91,12 +111,11 @@ def make_input(shape: tuple[int, ...]):
     return torch.rand(shape, generator=torch.Generator().manual_seed(INPUT_SEED))
 
 
-def _cuda_missing() -> str | None:
-    import torch
+def import_onnxruntime():
+    """onnxruntime, or a one-line CompressError naming the extra that installs it."""
+    from export.onnx import import_onnxruntime as imported
 
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    return None
+    return imported()
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
@@ -107,8 +126,8 @@ class TorchRunner(Runner):
 
     name = "torch"
 
-    def __init__(self, threads: int, scratch: Path, clock: str = "wall"):
-        super().__init__(threads, scratch, clock)
+    def __init__(self, threads: int, scratch: Path, clock: str = "wall", tf32: bool = False):
+        super().__init__(threads, scratch, clock, tf32)
         import torch
 
         torch.set_num_threads(threads)
@@ -154,66 +173,6 @@ class TorchCompileRunner(TorchRunner):
         return torch.compile(module, backend=self.compile_backend, dynamic=False)
 
 
-class _CudaTiming:
-    """Per-run GPU time from CUDA events recorded around each run on the current stream."""
-
-    device = "cuda"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return _cuda_missing()
-
-    def timing(self) -> str:
-        return "CUDA events per run (GPU time, no host-device copies)"
-
-    def time(self, batch, iterations: int) -> np.ndarray:
-        import torch
-
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
-        for start, end in zip(starts, ends, strict=True):
-            start.record()
-            self.run_async(batch)
-            end.record()
-        torch.cuda.synchronize()
-        return np.array([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
-
-
-class TorchCudaRunner(_CudaTiming, TorchRunner):
-    """PyTorch eager on the GPU (cuDNN autotuning on, so warm-up picks the fastest kernels)."""
-
-    name = "torch-cuda"
-
-    def _wrap(self, module):
-        import torch
-
-        torch.backends.cudnn.benchmark = True
-        return copy.deepcopy(module).cuda()  # the CPU module stays usable by other backends
-
-    def run_async(self, batch):
-        import torch
-
-        with torch.inference_mode():
-            return self.module(batch)
-
-    def run(self, batch):
-        import torch
-
-        out = self.run_async(batch)
-        torch.cuda.synchronize()
-        return out
-
-
-class TorchCompileCudaRunner(TorchCudaRunner):
-    name = "torch-compile-cuda"
-    default = False
-
-    def _wrap(self, module):
-        import torch
-
-        return torch.compile(super()._wrap(module), dynamic=False)
-
-
 # ------------------------------------------------------------------------------------ ONNX Runtime
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -230,14 +189,16 @@ class OrtRunner(Runner):
     accepts = ("run", "onnx")
     provider = "CPUExecutionProvider"
 
-    def __init__(self, threads: int, scratch: Path, clock: str = "wall"):
-        super().__init__(threads, scratch, clock)
+    def __init__(self, threads: int, scratch: Path, clock: str = "wall", tf32: bool = False):
+        super().__init__(threads, scratch, clock, tf32)
         self.session = None
 
     @classmethod
     def unavailable(cls) -> str | None:
-        import onnxruntime as ort
-
+        try:
+            ort = import_onnxruntime()
+        except CompressError as exc:
+            return str(exc)
         if cls.provider not in ort.get_available_providers():
             return f"onnxruntime {ort.__version__} has no {cls.provider} (install onnxruntime-gpu)"
         return None
@@ -246,8 +207,7 @@ class OrtRunner(Runner):
         return [self.provider]
 
     def load(self, target: Target) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.target = target
         path = target.onnx_file(self.scratch)
         opts = ort.SessionOptions()
@@ -262,7 +222,8 @@ class OrtRunner(Runner):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise CompressError(f"onnxruntime cannot load {target.label}: {str(exc).splitlines()[0]}") from None
         if self.provider not in self.session.get_providers():
-            raise CompressError(f"onnxruntime fell back from {self.provider} for {target.label}")
+            raise BackendUnavailable(f"onnxruntime could not use {self.provider} for {target.label} (it fell back "
+                                     f"to {', '.join(self.session.get_providers())})")
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise CompressError(f"{target.label} has {len(inputs)} inputs; bench runs single-input image models")
@@ -287,152 +248,3 @@ class OrtRunner(Runner):
         return self.session.run(None, batch)
 
 
-class OrtCudaRunner(OrtRunner):
-    """ONNX Runtime CUDA provider with IOBinding: input and outputs stay on the GPU, so the timing
-    is of inference, not of host↔device copies. `run_with_iobinding` synchronises before returning."""
-
-    name = "ort-cuda"
-    device = "cuda"
-    provider = "CUDAExecutionProvider"
-
-    def timing(self) -> str:
-        return "wall clock around synchronous run_with_iobinding (no host-device copies)"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return super().unavailable() or _cuda_missing()
-
-    def providers(self) -> list:
-        return [self.provider, "CPUExecutionProvider"]
-
-    def prepare(self, batch_size: int):
-        import onnxruntime as ort
-
-        value = ort.OrtValue.ortvalue_from_numpy(self.host_batch(batch_size), "cuda", 0)
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input.name, value)
-        for out in self.session.get_outputs():
-            binding.bind_output(out.name, "cuda", 0)
-        return binding, value  # keep the input OrtValue alive as long as the binding
-
-    def run(self, batch):
-        self.session.run_with_iobinding(batch[0])
-
-
-class OrtTensorRTRunner(OrtCudaRunner):
-    """ONNX Runtime's TensorRT provider (engines built on the first run of each shape, cached in scratch)."""
-
-    name = "ort-trt"
-    provider = "TensorrtExecutionProvider"
-
-    def providers(self) -> list:
-        cache = self.scratch / "ort-trt-cache"
-        cache.mkdir(exist_ok=True)
-        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
-        return [(self.provider, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-# -------------------------------------------------------------------------------------- TensorRT
-
-
-class TensorRTRunner(_CudaTiming, Runner):
-    """Native TensorRT: engine files as they are; run directories and ONNX files are built into an
-    fp32 engine per batch size (profile min = opt = max, as `trtexec --shapes`), the build counted
-    in the cold start. Timing excludes host-device copies: input and output stay on the GPU."""
-
-    name = "tensorrt"
-    accepts = ("engine", "run", "onnx")
-
-    def __init__(self, threads: int, scratch: Path, clock: str = "wall"):
-        super().__init__(threads, scratch, clock)
-        self.engine = None
-        self.onnx: Path | None = None
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "the tensorrt package is not installed (pip install -e \".[gpu]\")"
-        return _cuda_missing()
-
-    def load(self, target: Target) -> None:
-        from export.tensorrt import TensorRTEngine
-
-        self.target = target
-        if target.kind == "engine":
-            self.engine = TensorRTEngine.load(target.path)
-        else:
-            self.onnx = target.onnx_file(self.scratch)
-
-    def _engine_for(self, batch_size: int):
-        from export.tensorrt import TensorRTEngine, to_tensorrt
-
-        if self.target.kind == "engine":
-            return self.engine
-        out = self.scratch / f"{self.onnx.stem}-b{batch_size}.engine"
-        if not out.exists():
-            to_tensorrt(self.onnx, out, min_batch=batch_size, opt_batch=batch_size, max_batch=batch_size,
-                        check=False, timing_cache=self.scratch / "trt-timing.cache")
-        return TensorRTEngine.load(out)
-
-    def prepare(self, batch_size: int):
-        import torch
-
-        self.engine = engine = self._engine_for(batch_size)
-        engine.check_batch_size(batch_size)
-        shape = (batch_size, *(int(d) for d in engine.input_shape[1:]))
-        x = make_input(shape).to(device="cuda", dtype=engine.input_dtype).contiguous()
-        ctx = engine.context
-        ctx.set_input_shape(engine.input_name, shape)
-        out = torch.empty(tuple(ctx.get_tensor_shape(engine.output_name)), dtype=engine.output_dtype, device="cuda")
-        ctx.set_tensor_address(engine.input_name, x.data_ptr())
-        ctx.set_tensor_address(engine.output_name, out.data_ptr())
-        return x, out
-
-    def run_async(self, batch):
-        import torch
-
-        if not self.engine.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise CompressError(f"TensorRT failed to execute {self.target.label}")
-        return batch[1]
-
-    def run(self, batch):
-        import torch
-
-        out = self.run_async(batch)
-        torch.cuda.synchronize()
-        return out
-
-
-# -------------------------------------------------------------------------------------- registry
-
-RUNNERS: dict[str, type[Runner]] = {cls.name: cls for cls in (
-    TorchRunner, TorchCompileRunner, TorchCudaRunner, TorchCompileCudaRunner,
-    OrtRunner, OrtCudaRunner, OrtTensorRTRunner, TensorRTRunner,
-)}
-ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "pytorch": "torch", "torch-cpu": "torch",
-           "trt": "tensorrt"}
-
-
-def parse_backends(spec: str | None) -> list[str] | None:
-    """Canonical backend names from a comma list (aliases resolved); None for "not given"."""
-    if spec is None or not spec.strip():
-        return None
-    names = []
-    for raw in spec.split(","):
-        name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
-        if name not in RUNNERS:
-            known = ", ".join(sorted(RUNNERS) + sorted(ALIASES))
-            raise CompressError(f"unknown backend {raw.strip()!r}; known: {known}")
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def default_backends(targets: list[Target]) -> list[str]:
-    """Every default backend present on this machine that can run all targets (else any of them)."""
-    present = [n for n, cls in RUNNERS.items() if cls.default and cls.unavailable() is None]
-    every = [n for n in present if all(RUNNERS[n].rejects(t) is None for t in targets)]
-    return every or [n for n in present if any(RUNNERS[n].rejects(t) is None for t in targets)]

@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.backends import RUNNERS, default_backends
 from bench.compare import Speedup, speedups
 from bench.host import host_info, load_average
 from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
-from bench.runners import RUNNERS, default_backends
+from bench.runners import BackendUnavailable
 from bench.targets import Target
 from compress.errors import CompressError
 
@@ -76,9 +77,13 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
                 if (reason := cls.rejects(target)) is not None:
                     skip(backend, target.label, reason)
                     continue
-                runner = cls(settings.threads, Path(scratch), settings.clock)
+                runner = cls(settings.threads, Path(scratch), settings.clock, settings.tf32)
                 start = time.perf_counter()
-                runner.load(target)
+                try:
+                    runner.load(target)
+                except BackendUnavailable as exc:  # e.g. an ONNX Runtime provider that fell back to the CPU
+                    skip(backend, target.label, str(exc))
+                    continue
                 contenders.append(Contender(target, runner, load_ms=(time.perf_counter() - start) * 1000))
             for bs in batch_sizes if contenders else ():
                 label = f"{backend} · batch {bs}"

@@ -1,25 +1,18 @@
 """Runner and measurement plumbing on tiny models (no timing is asserted anywhere)."""
 
+import shutil
+import subprocess
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from bench.backends import RUNNERS, default_backends, parse_backends
+from bench.gpu_runners import OrtCudaRunner, TensorRTRunner, TorchCudaRunner
 from bench.measure import Contender, Settings, measure_interleaved
 from bench.report import RESULT_KEYS, SPEEDUP_KEYS, load_results, to_json, write_json
-from bench.runners import (
-    RUNNERS,
-    OrtCudaRunner,
-    OrtRunner,
-    Runner,
-    TensorRTRunner,
-    TorchCompileRunner,
-    TorchCudaRunner,
-    TorchRunner,
-    default_backends,
-    parse_backends,
-)
+from bench.runners import OrtRunner, Runner, TorchCompileRunner, TorchRunner
 from bench.session import benchmark
 from bench.targets import resolve_targets
 from compress.errors import CompressError
@@ -104,14 +97,18 @@ def test_torch_and_ort_runners_agree_on_outputs(files, tmp_path):
 
 
 def test_cpu_clock_times_the_calling_thread(files, tmp_path):
-    """With --clock cpu every CPU backend records thread CPU time; GPU backends keep their own timing."""
+    """With --clock cpu every CPU backend records thread CPU time; GPU backends keep their own timing
+    (ort-cuda runs where onnxruntime-gpu and a GPU are present, and is skipped with a reason elsewhere)."""
     targets = resolve_targets([files["dyn"]])
     skipped = []
     run = benchmark(targets, backends=["onnxruntime", "ort-cuda"], settings=replace(FAST, clock="cpu"),
                     on_skip=skipped.append)
-    (result,) = run.results
-    assert "CPU time" in result.timing and np.all(result.samples_ms > 0)
-    assert [s.backend for s in skipped] == ["ort-cuda"]
+    timing = {r.backend: r.timing for r in run.results}
+    assert "CPU time" in timing["onnxruntime"] and all(np.all(r.samples_ms > 0) for r in run.results)
+    if "ort-cuda" in timing:
+        assert "CPU time" not in timing["ort-cuda"] and not skipped
+    else:
+        assert [s.backend for s in skipped] == ["ort-cuda"] and skipped[0].reason
     with pytest.raises(CompressError, match="needs --threads 1"):
         Settings(threads=2, clock="cpu")
     with pytest.raises(CompressError, match="unknown clock"):
@@ -238,6 +235,8 @@ def test_benchmark_end_to_end_json_schema(files, tmp_path):
         assert set(RESULT_KEYS) <= set(row)
         assert len(row["samples_ms"]) == row["n"] >= FAST.min_iters
         assert row["p90_ms"] <= row["p99_ms"] and row["flops"] > 0 and row["params"] > 0
+        assert row["tf32"] is None  # no TF32 on CPUs
+    assert doc["settings"]["tf32"] is False
     assert len(doc["speedups"]) == 4
     big, small = targets
     for row in doc["speedups"]:
@@ -263,3 +262,69 @@ def test_load_results_rejects_bad_files(tmp_path):
             load_results(bad)
     with pytest.raises(CompressError, match="not found"):
         load_results(tmp_path / "missing.json")
+
+
+class FallbackRunner(OrtRunner):
+    """An ONNX Runtime backend whose provider is listed but cannot run (as onnxruntime-gpu lists its
+    TensorRT provider without TensorRT installed): ONNX Runtime really falls back to the CPU here."""
+
+    name = "fallback"
+    provider = "CoreMLExecutionProvider"  # in no Linux build of ONNX Runtime
+
+    @classmethod
+    def unavailable(cls):
+        return None
+
+    def providers(self):
+        return [self.provider, "CPUExecutionProvider"]
+
+
+def test_provider_fallback_skips_the_backend_instead_of_aborting(files, monkeypatch):
+    monkeypatch.setitem(RUNNERS, "fallback", FallbackRunner)
+    skipped = []
+    with pytest.warns(UserWarning, match="CoreMLExecutionProvider"):
+        run = benchmark(resolve_targets([files["dyn"]]), backends=["fallback", "onnxruntime"], settings=FAST,
+                        on_skip=skipped.append)
+    assert [r.backend for r in run.results] == ["onnxruntime"]
+    (skip,) = skipped
+    assert skip.backend == "fallback" and "could not use CoreMLExecutionProvider" in skip.reason
+    assert "fell back to CPUExecutionProvider" in skip.reason
+
+
+def test_library_load_problem_names_the_missing_dependency(tmp_path):
+    """The probe that decides whether ONNX Runtime's GPU providers can load, on real shared libraries:
+    one whose dependency was removed (as libnvinfer.so.10 is missing beside TensorRT 11) is refused
+    with the loader's message naming it; one whose dependency is there loads."""
+    from bench.gpu_runners import library_load_problem
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the two test libraries")
+    (tmp_path / "dep.c").write_text("int dep(void) { return 7; }\n")
+    (tmp_path / "user.c").write_text("int dep(void);\nint user(void) { return dep(); }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libdep.so.10", "-o", tmp_path / "libdep.so.10",
+                    tmp_path / "dep.c"], check=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", tmp_path / "libuser.so", tmp_path / "user.c",
+                    tmp_path / "libdep.so.10"], check=True)
+    user = tmp_path / "libuser.so"
+    assert library_load_problem(user, needs=[tmp_path / "libdep.so.10"]) is None  # loaded first, globally
+    problem = library_load_problem(user)
+    assert problem is not None and "libdep.so.10" in problem
+    assert library_load_problem(tmp_path / "absent.so") == "absent.so is not installed"
+
+
+def test_torch_tf32_is_set_explicitly_with_the_new_api():
+    """cuDNN convolutions default to TF32; bench sets both matmul and conv precision either way
+    (no GPU is needed to set or read the flags)."""
+    from bench.gpu_runners import set_torch_tf32
+
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_torch_tf32(False)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+            "ieee", "ieee")
+        set_torch_tf32(True)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+            "tf32", "tf32")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
