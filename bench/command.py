@@ -15,7 +15,7 @@ from bench.compare import pair_with_baseline
 from bench.gate import Gate, Verdict, judge_all, pairs_against_saved, verdict_line
 from bench.host import busy_warning, physical_cores
 from bench.measure import Result, Settings
-from bench.report import load_saved, table, to_json, write_json
+from bench.report import load_saved, oversubscription_note, table, to_json, write_json
 from bench.session import BenchRun, benchmark, check_batch_sizes
 from bench.targets import Target, resolve_targets
 from compress.errors import CheckFailed, CompressError
@@ -68,6 +68,8 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
     run = _measure(resolved, backends, sizes, settings)
     verdicts = _judge(run, gate, saved)
     out.print(table(run))
+    if note := oversubscription_note(run):
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     if json_path:
         doc = to_json(run, verdicts)
         doc["settings"].update(gate=_gate_record(gate, baseline))

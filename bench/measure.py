@@ -4,6 +4,8 @@ For one backend and batch size, every target is warmed up, then measured in roun
 gives each target a short block of runs, alternating the order (A B, B A, A B, …). A machine that
 drifts or a neighbour that starts a job slows every target alike, so their ratio stays honest.
 Measurement stops once every target has both the minimum duration and the minimum iteration count.
+Around every block the scheduler's run-queue wait of this process is read (bench/contention.py):
+a result whose threads waited for a CPU much of the time is marked oversubscribed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.contention import OVERSUBSCRIBED_WAIT, run_queue_wait_ns, wait_fraction
 from bench.runners import Runner
 from bench.stats import Summary, summarize
 from bench.targets import Target
@@ -62,6 +65,13 @@ class Result:
     cold_start_ms: float  # preparing this batch size + first run (compilation, autotuning, engine build)
     load_ms: float  # building the session / module / engine for this target
     tf32: bool | None = None  # fp32 math allowed to round to TF32; None: no such thing (CPU) or unknown
+    cpu_wait: float | None = None  # share of the time the runner's threads waited for a CPU; None: unknown
+
+    @property
+    def oversubscribed(self) -> bool:
+        """Measured while other work kept this run's threads waiting for CPUs: the figure is the
+        machine's load as much as the model's latency."""
+        return self.cpu_wait is not None and self.cpu_wait > OVERSUBSCRIBED_WAIT
 
 
 @dataclass
@@ -75,6 +85,8 @@ class Contender:
     cold_start_ms: float = 0.0
     block: int = 1
     samples: list[np.ndarray] = field(default_factory=list)
+    wait_ns: int | None = 0  # run-queue wait of this process during the measured blocks (None: unknown)
+    measured_ns: int = 0  # wall time of those blocks
 
     @property
     def count(self) -> int:
@@ -109,16 +121,27 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
                         progress: Callable[[float], None] | None = None) -> None:
     """Fill each contender's samples, in alternating-order rounds, until all have enough."""
     for c in contenders:
-        c.samples = []
+        c.samples, c.wait_ns, c.measured_ns = [], 0, 0
         warm_up(c, batch_size, settings)
     order = list(contenders)
     while not all(_done(c, settings) for c in contenders):
         for c in order:
             if c.count < settings.max_iters:
-                c.samples.append(c.runner.time(c.batch, min(c.block, settings.max_iters - c.count)))
+                _measure_block(c, min(c.block, settings.max_iters - c.count))
         order.reverse()
         if progress:
             progress(min(_fraction(c, settings) for c in contenders))
+
+
+def _measure_block(c: Contender, iterations: int) -> None:
+    waited, started = run_queue_wait_ns(), time.perf_counter_ns()
+    c.samples.append(c.runner.time(c.batch, iterations))
+    elapsed, waited_after = time.perf_counter_ns() - started, run_queue_wait_ns()
+    c.measured_ns += elapsed
+    if waited is None or waited_after is None or c.wait_ns is None:
+        c.wait_ns = None
+    else:
+        c.wait_ns += max(0, waited_after - waited)
 
 
 def _fraction(c: Contender, settings: Settings) -> float:
@@ -132,4 +155,6 @@ def to_result(c: Contender, backend: str, batch_size: int) -> Result:
     return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
                   summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
                   device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms,
-                  tf32=c.runner.uses_tf32())
+                  tf32=c.runner.uses_tf32(),
+                  cpu_wait=None if c.wait_ns is None else round(
+                      wait_fraction(c.wait_ns, c.measured_ns, c.runner.cpu_threads), 4))

@@ -13,6 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from bench.compare import Speedup
+from bench.contention import OVERSUBSCRIBED_WAIT
 from bench.gate import Verdict
 from bench.measure import Result
 from bench.session import BenchRun
@@ -34,7 +35,7 @@ def result_record(r: Result) -> dict[str, Any]:
         "flops": r.flops, "params": r.params,
         "mean_ms": s.mean_ms, "min_ms": s.min_ms, "n": s.n, "unstable": s.unstable,
         "device": r.device, "timing": r.timing, "cold_start_ms": r.cold_start_ms, "load_ms": r.load_ms,
-        "tf32": r.tf32,
+        "tf32": r.tf32, "cpu_wait": r.cpu_wait, "oversubscribed": r.oversubscribed,
     }
 
 
@@ -112,7 +113,7 @@ def load_saved(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
                           samples_ms=samples, summary=summarize(samples, int(row["batch_size"])),
                           flops=row["flops"], params=row["params"], device=row.get("device", "?"),
                           timing=row.get("timing", "?"), cold_start_ms=row.get("cold_start_ms", math.nan),
-                          load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32")))
+                          load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32"), cpu_wait=row.get("cpu_wait")))
     settings = doc.get("settings")
     return out, settings if isinstance(settings, dict) else {}
 
@@ -131,7 +132,8 @@ def table(run: BenchRun) -> Table:
     ups = {(s.target, s.backend, s.batch_size): s for s in run.speedups}
     t = Table(title=f"compress bench — baseline {run.baseline}, {run.settings['threads']} thread(s), "
                     f"{run.settings['clock']} clock",
-              caption=f"FLOPs: fvcore MACs at batch 1. CV > {UNSTABLE_CV:.0%} is flagged unstable. "
+              caption=f"FLOPs: fvcore MACs at batch 1. CV > {UNSTABLE_CV:.0%} is flagged unstable; oversubscribed: "
+                      f"the run's threads waited for a CPU > {OVERSUBSCRIBED_WAIT:.0%} of the time. "
                       "Speedup: baseline median ÷ median \\[bootstrap 95% CI]; fidelity: speedup ÷ FLOPs reduction.")
     for name, justify in (("target", "left"), ("backend", "left"), ("batch", "right"), ("median ms", "right"),
                           ("p90 ms", "right"), ("p99 ms", "right"), ("CV", "right"), ("img/s", "right"),
@@ -143,6 +145,8 @@ def table(run: BenchRun) -> Table:
     for r in rows:
         s = r.summary
         cv = f"[yellow]{s.cv:.1%} unstable[/]" if s.unstable else f"{s.cv:.1%}"
+        if r.oversubscribed:
+            cv += f" [red]oversubscribed ({r.cpu_wait:.0%} wait)[/]"
         up = ups.get((r.target, r.backend, r.batch_size))
         speed = "baseline" if r.target == run.baseline else "-"
         fidelity = "-"
@@ -154,3 +158,15 @@ def table(run: BenchRun) -> Table:
                   f"{r.cold_start_ms:.0f}", speed, fidelity)
     return t
 
+
+def oversubscription_note(run: BenchRun) -> str | None:
+    """One line when some results were measured on oversubscribed CPUs, saying what that means."""
+    hit = [r for r in run.results if r.oversubscribed]
+    if not hit:
+        return None
+    worst = max(hit, key=lambda r: r.cpu_wait)
+    backends = ", ".join(dict.fromkeys(r.backend for r in hit))
+    return (f"warning: {len(hit)} of {len(run.results)} results ({backends}) are marked oversubscribed: their threads "
+            f"waited for a CPU up to {worst.cpu_wait:.0%} of the time, because other processes compete for the cores. "
+            "Those latencies measure the machine's load as much as the model; re-run on a quiet machine, or compare "
+            "with --threads 1 --clock cpu.")

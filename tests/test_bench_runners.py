@@ -1,7 +1,10 @@
 """Runner and measurement plumbing on tiny models (no timing is asserted anywhere)."""
 
+import os
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from bench.backends import RUNNERS, default_backends, parse_backends
+from bench.contention import OVERSUBSCRIBED_WAIT, run_queue_wait_ns
 from bench.gpu_runners import OrtCudaRunner, TensorRTRunner, TorchCudaRunner
 from bench.measure import Contender, Settings, measure_interleaved
 from bench.report import RESULT_KEYS, SPEEDUP_KEYS, load_results, to_json, write_json
@@ -236,6 +240,7 @@ def test_benchmark_end_to_end_json_schema(files, tmp_path):
         assert len(row["samples_ms"]) == row["n"] >= FAST.min_iters
         assert row["p90_ms"] <= row["p99_ms"] and row["flops"] > 0 and row["params"] > 0
         assert row["tf32"] is None  # no TF32 on CPUs
+        assert row["cpu_wait"] >= 0 and row["oversubscribed"] == (row["cpu_wait"] > OVERSUBSCRIBED_WAIT)
     assert doc["settings"]["tf32"] is False
     assert len(doc["speedups"]) == 4
     big, small = targets
@@ -328,3 +333,26 @@ def test_torch_tf32_is_set_explicitly_with_the_new_api():
             "tf32", "tf32")
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or run_queue_wait_ns() is None,
+                    reason="needs Linux scheduler statistics (/proc/self/task/*/schedstat)")
+def test_results_under_cpu_contention_are_marked_oversubscribed(files):
+    """A real competitor spinning on the one CPU the benchmark may use: the scheduler's run-queue wait
+    marks the result oversubscribed (two runnable threads on one CPU: each waits about half the time)."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+                                "end = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread, and the runner threads it starts
+        time.sleep(0.2)  # let the spinner start
+        run = benchmark(resolve_targets([files["dyn"]]), backends=["onnxruntime"],
+                        settings=replace(FAST, min_time_s=0.3), resamples=100)
+    finally:
+        os.sched_setaffinity(0, before)
+        spinner.kill()
+        spinner.wait()
+    (result,) = run.results
+    assert result.cpu_wait > OVERSUBSCRIBED_WAIT and result.oversubscribed, result.cpu_wait
+    assert to_json(run)["results"][0]["oversubscribed"] is True
