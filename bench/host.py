@@ -72,13 +72,29 @@ def busy_warning(threads: int) -> str | None:
             f"wall-clock latency is inflated and multimodal; {hint}")
 
 
+def _onnxruntime() -> tuple[str | None, str | None]:
+    """Version and build ("CPU" or "GPU") of the onnxruntime module that imports: the CPU and GPU
+    wheels are the same module, so package metadata alone can name the wrong one."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, None
+    return ort.__version__, ort.get_device()
+
+
+def _tensorrt_version() -> str | None:
+    """The importable TensorRT's version (its wheels are named tensorrt, tensorrt-cu12, tensorrt-cu13 …)."""
+    names = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings")
+    return next((v for v in map(_version, names) if v), None)
+
+
 def host_info() -> dict:
     """CPU, core counts, GPU and library versions of this machine, and when the run happened."""
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    ort_version = _version("onnxruntime") or _version("onnxruntime-gpu")
+    ort_version, ort_device = _onnxruntime()
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
@@ -91,6 +107,7 @@ def host_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort_version,
-        "tensorrt": _version("tensorrt"),
+        "onnxruntime_device": ort_device,
+        "tensorrt": _tensorrt_version(),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
