@@ -66,12 +66,9 @@ class Result:
     load_ms: float  # building the session / module / engine for this target
     tf32: bool | None = None  # fp32 math allowed to round to TF32; None: no such thing (CPU) or unknown
     cpu_wait: float | None = None  # share of the time the runner's threads waited for a CPU; None: unknown
-
-    @property
-    def oversubscribed(self) -> bool:
-        """Measured while other work kept this run's threads waiting for CPUs: the figure is the
-        machine's load as much as the model's latency."""
-        return self.cpu_wait is not None and self.cpu_wait > OVERSUBSCRIBED_WAIT
+    # Measured while other work kept this run's threads waiting for CPUs, on a clock that counts the
+    # waiting (not --clock cpu): the figure is the machine's load as much as the model's latency.
+    oversubscribed: bool = False
 
 
 @dataclass
@@ -152,9 +149,10 @@ def _fraction(c: Contender, settings: Settings) -> float:
 
 def to_result(c: Contender, backend: str, batch_size: int) -> Result:
     samples = np.concatenate(c.samples)
+    wait = None if c.wait_ns is None else round(wait_fraction(c.wait_ns, c.measured_ns, c.runner.cpu_threads), 4)
+    # thread CPU time leaves out the time spent waiting, so a --clock cpu figure is not inflated by it
+    oversubscribed = wait is not None and wait > OVERSUBSCRIBED_WAIT and c.runner.clock != "cpu"
     return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
                   summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
                   device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms,
-                  tf32=c.runner.uses_tf32(),
-                  cpu_wait=None if c.wait_ns is None else round(
-                      wait_fraction(c.wait_ns, c.measured_ns, c.runner.cpu_threads), 4))
+                  tf32=c.runner.uses_tf32(), cpu_wait=wait, oversubscribed=oversubscribed)

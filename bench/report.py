@@ -113,7 +113,8 @@ def load_saved(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
                           samples_ms=samples, summary=summarize(samples, int(row["batch_size"])),
                           flops=row["flops"], params=row["params"], device=row.get("device", "?"),
                           timing=row.get("timing", "?"), cold_start_ms=row.get("cold_start_ms", math.nan),
-                          load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32"), cpu_wait=row.get("cpu_wait")))
+                          load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32"), cpu_wait=row.get("cpu_wait"),
+                          oversubscribed=bool(row.get("oversubscribed", False))))
     settings = doc.get("settings")
     return out, settings if isinstance(settings, dict) else {}
 
@@ -133,7 +134,7 @@ def table(run: BenchRun) -> Table:
     t = Table(title=f"compress bench — baseline {run.baseline}, {run.settings['threads']} thread(s), "
                     f"{run.settings['clock']} clock",
               caption=f"FLOPs: fvcore MACs at batch 1. CV > {UNSTABLE_CV:.0%} is flagged unstable; oversubscribed: "
-                      f"the run's threads waited for a CPU > {OVERSUBSCRIBED_WAIT:.0%} of the time. "
+                      f"the run's threads waited for a CPU > {OVERSUBSCRIBED_WAIT:.0%} of the (wall-clock) time. "
                       "Speedup: baseline median ÷ median \\[bootstrap 95% CI]; fidelity: speedup ÷ FLOPs reduction.")
     for name, justify in (("target", "left"), ("backend", "left"), ("batch", "right"), ("median ms", "right"),
                           ("p90 ms", "right"), ("p99 ms", "right"), ("CV", "right"), ("img/s", "right"),
