@@ -165,6 +165,47 @@ def test_torch_cuda_runner_times_with_cuda_events(files, tmp_path):
     assert next(target.module().parameters()).device.type == "cpu"  # the shared module stays on the CPU
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_backends_set_and_record_tf32(files, tf32):
+    """Each CUDA backend present runs dense and small side by side and records the TF32 setting it
+    applied; PyTorch's flags really change. Backends this machine lacks are skipped with a reason."""
+    backends = ["torch-cuda", "ort-cuda", "tensorrt"]
+    skipped = []
+    run = benchmark(resolve_targets([files["dense"], files["small"]]), backends=backends, batch_sizes=[1, 4],
+                    settings=replace(FAST, tf32=tf32), on_skip=skipped.append)
+    assert all(s.reason for s in skipped)
+    measured = {r.backend for r in run.results}
+    assert "torch-cuda" in measured and measured | {s.backend for s in skipped} == set(backends)
+    for r in run.results:
+        assert r.device == "cuda" and r.tf32 is tf32 and np.all(r.samples_ms > 0), r
+    expected = "tf32" if tf32 else "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_event_times_follow_the_stream_the_work_is_on():
+    """Events recorded on the stream the work runs on (a side stream, as TensorRT engines use) time it;
+    recorded on another stream they would read ~0."""
+    from bench.gpu_runners import cuda_event_times
+
+    x = torch.randn(2048, 2048, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+
+    def on_side():
+        with torch.cuda.stream(side):
+            for _ in range(4):
+                x @ x
+
+    cuda_event_times(on_side, 2, side)  # warm-up
+    on_its_stream = cuda_event_times(on_side, 5, side)
+    single = cuda_event_times(lambda: x @ x, 5)
+    assert np.all(on_its_stream > 0) and np.median(on_its_stream) > 2 * np.median(single)
+
+
 def test_torch_compile_runner_plumbing(files, tmp_path):
     """The compile path and its cold start, with the cheap "eager" compile backend (inductor is slow)."""
     (target,) = resolve_targets([files["small"]])
