@@ -40,3 +40,15 @@ def test_cifar_resnet_depths():
 def test_unknown_model():
     with pytest.raises(CompressError, match="unknown model 'resnet7'"):
         create_model("resnet7", 10, 32)
+
+
+def test_small_vits_have_4px_patches_deit_tiny_width_and_their_named_depth():
+    for depth in (6, 8, 12):
+        net = create_model(f"vit_tiny_p4_d{depth}", 10, 28).eval()
+        assert (net.patch_size, net.hidden_dim, len(net.encoder.layers)) == (4, 192, depth)
+        assert net.encoder.layers[0].self_attention.num_heads == 3
+        with torch.no_grad():
+            assert net(torch.rand(2, 3, 28, 28)).shape == (2, 10)
+    assert create_model("vit_tiny_p4_d6", 10, 32).encoder.pos_embedding.shape[1] == 65   # 64 patches + class token
+    with pytest.raises(CompressError, match="not a multiple of 4"):
+        create_model("vit_tiny_p4_d6", 10, 30)

@@ -32,8 +32,9 @@ class Family(Protocol):
 def _families() -> list[Family]:
     from compress.models.cifar import CifarFamily
     from compress.models.lite0 import Lite0Family
+    from compress.models.small_vit import SmallViTFamily
 
-    return [CifarFamily(), Lite0Family(), TorchvisionFamily()]
+    return [CifarFamily(), Lite0Family(), TorchvisionFamily(), SmallViTFamily()]
 
 
 FAMILIES: list[Family] = _families()
