@@ -1,7 +1,8 @@
 """Run directories (design.md): model.json + weights-only model.pt + report.json, written atomically.
 
 `load` rebuilds the deployable module from the JSON spec alone: the dense architecture comes from
-the model registry, slimmed layer shapes from spec["layers"], the prompt from spec["prompt"].
+the model registry, slimmed layer shapes from spec["layers"], token sparsification (prediction
+modules and keep schedule) from spec["tokens"], the prompt from spec["prompt"].
 No pickled code is ever read.
 """
 
@@ -26,7 +27,7 @@ SPEC_FORMAT = 1
 
 def build_spec(model: str, num_classes: int, input_size: tuple[int, int, int], mean, std, *,
                adapt: str | None, data: str, classes: list[str] | None = None) -> dict[str, Any]:
-    """The model.json of a dense model; pruning adds "layers"/"widths", prompting adds "prompt"."""
+    """The model.json of a dense model; pruning adds "layers"/"widths", prompting "prompt", tokens "tokens"."""
     return {
         "format": SPEC_FORMAT,
         "model": model,
@@ -54,6 +55,10 @@ def build_module(spec: dict[str, Any]) -> DeployableModule:
             from compress.pruning.structure import apply_layer_spec
 
             apply_layer_spec(net, spec["layers"])
+        if spec.get("tokens"):
+            from compress.tokens import sparsify_from_spec
+
+            net = sparsify_from_spec(net, spec["tokens"])
         prompt = None
         if spec.get("prompt"):
             from compress.prompt import build_prompt
