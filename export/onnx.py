@@ -21,8 +21,9 @@ import onnx
 import torch
 
 from compress.errors import CheckFailed, CompressError
+from compress.tokens import index_output_names, returning_indices
 from export.files import failed_path, keep_failed, print_note, temp_beside
-from export.parity import FP32_TOLERANCE, Parity, check_parity, parity_batches, torch_reference
+from export.parity import FP32_TOLERANCE, Parity, check_parity, index_agreement, parity_batches, torch_reference
 from export.result import ExportResult
 
 INPUT_NAME = "images"
@@ -37,13 +38,18 @@ PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a single-file ONNX model must sta
 def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
             batch_size: int | None = 1, dynamic_batch: bool = False, check: bool = True, data=None,
             metadata: dict[str, Any] | None = None, simplify: bool = True, exporter: str = "auto",
-            tolerance: float = FP32_TOLERANCE, log: Callable[[str], None] | None = None) -> ExportResult:
+            tolerance: float = FP32_TOLERANCE, log: Callable[[str], None] | None = None,
+            token_indices: bool = True) -> ExportResult:
     """Export `module` (a DeployableModule: float images in [0, 1], NCHW) to an ONNX file at `out`.
 
     `dynamic_batch` makes the batch dimension symbolic; otherwise it is fixed to `batch_size`.
     `exporter` is "auto" (dynamo, falling back to TorchScript with the reason logged), "dynamo"
     or "torchscript". `data` (a compress.data.DataBundle) adds real validation images to the
     parity check. Raises CheckFailed when parity fails (file kept as `<out>.failed`).
+
+    A token-sparse module (compress/tokens) gets extra int64 outputs after the logits, each stage's
+    kept patch indices, and parity then also requires them identical to PyTorch's; `token_indices=False`
+    leaves them out (a TensorRT engine here has one output).
     """
     log = log or print_note
     out = Path(out)
@@ -51,13 +57,16 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
     batch_size = _check_args(opset, batch_size, dynamic_batch, exporter, input_size)
     _refuse_huge(module)
     props = {**spec_metadata(module), **{k: _prop(v) for k, v in (metadata or {}).items()}}
+    extra_outputs = index_output_names(module) if token_indices else []
     tmp = temp_beside(out)
     started = time.perf_counter()
     was_training = module.training
     module.eval()
     try:
-        used, notes = export_graph(module, tmp, input_size, opset=opset, batch_size=batch_size,
-                                   dynamic_batch=dynamic_batch, exporter=exporter, log=log)
+        with returning_indices(module, bool(extra_outputs)):
+            used, notes = export_graph(module, tmp, input_size, opset=opset, batch_size=batch_size,
+                                       dynamic_batch=dynamic_batch, exporter=exporter, log=log,
+                                       output_names=[OUTPUT_NAME, *extra_outputs])
         model = _load_checked(tmp)
         strip_trace_metadata(model)
         set_metadata(model, props)
@@ -70,11 +79,13 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
         else:
             batches, described = parity_batches(input_size, None if dynamic_batch else batch_size, data)
             reference = torch_reference(module)
+            indices = _index_reference(module) if extra_outputs else None
             if simplify:
-                parity, simplified = _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log)
+                parity, simplified = _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log,
+                                                     indices)
             if not simplified:
                 save_model(model, tmp)
-                parity = _parity_of_file(tmp, reference, batches, described, tolerance)
+                parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices)
             if not parity.passed:
                 failed = keep_failed(tmp, out)
                 raise CheckFailed(f"parity check failed for {out.name}: {parity.summary()}; "
@@ -94,13 +105,14 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
 
 def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int, int], *, opset: int,
                  batch_size: int, dynamic_batch: bool, exporter: str = "auto",
-                 log: Callable[[str], None] = print) -> tuple[str, list[str]]:
+                 log: Callable[[str], None] = print, output_names: Sequence[str] = (OUTPUT_NAME,)
+                 ) -> tuple[str, list[str]]:
     """Write the raw ONNX graph to `path`; returns the exporter used and notes about the export."""
     notes: list[str] = []
     device = _device(module)
     if exporter in ("auto", "dynamo"):
         try:
-            _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device)
+            _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names)
             return "dynamo", notes
         except Exception as exc:
             reason = _one_line(exc)
@@ -109,13 +121,13 @@ def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int
             log(f"dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
             notes.append(f"dynamo exporter failed ({reason}); used the TorchScript exporter")
     try:
-        _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device)
+        _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names)
     except Exception as exc:
         raise CompressError(f"ONNX export failed: {'; '.join(notes + [f'torchscript: {_one_line(exc)}'])}") from None
     return "torchscript", notes
 
 
-def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:
+def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names) -> None:
     if opset < DYNAMO_MIN_OPSET:  # it would quietly write opset 18 when version conversion fails
         raise ValueError(f"it writes opset {DYNAMO_MIN_OPSET} or newer, and --opset {opset} was asked for")
     # Tracing at batch 2 keeps torch.export from specialising a symbolic batch of 1 to a constant.
@@ -124,20 +136,20 @@ def _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
+                          input_names=[INPUT_NAME], output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                           external_data=False, verbose=False)
     written = _opset_of(onnx.load(str(path), load_external_data=False), -1)
     if written != opset:
         raise ValueError(f"it wrote opset {written} instead of the requested {opset}")
 
 
-def _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device) -> None:
+def _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names) -> None:
     example = _example(input_size, batch_size, device)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                          input_names=[INPUT_NAME], output_names=list(output_names), dynamic_axes=axes,
                           do_constant_folding=True)
 
 
@@ -163,7 +175,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 # ------------------------------------------------------------------ simplification and parity
 
 
-def _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log) -> tuple[Parity | None, bool]:
+def _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log,
+                    indices=None) -> tuple[Parity | None, bool]:
     """Save the onnxslim-simplified model at `tmp` if it checks and keeps parity; else report why not."""
     import onnxslim
 
@@ -179,7 +192,7 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
         return None, False
     set_metadata(slim, {p.key: p.value for p in model.metadata_props})
     save_model(slim, tmp)
-    parity = _parity_of_file(tmp, reference, batches, described, tolerance)
+    parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices)
     if parity.passed:
         return parity, True
     reason = f"onnxslim output broke parity ({parity.summary()}); kept the unsimplified graph"
@@ -188,9 +201,24 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
     return None, False
 
 
-def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float) -> Parity:
+def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float, indices=None) -> Parity:
+    """Logits parity of the file at `path`; with `indices` (PyTorch's kept-token indices) those too."""
     runner = OnnxRunner(path, spin=False)
-    return check_parity(reference, runner, batches, tolerance=tolerance, inputs=f"{described}, onnxruntime vs pytorch")
+    parity = check_parity(reference, runner, batches, tolerance=tolerance,
+                          inputs=f"{described}, onnxruntime vs pytorch")
+    if indices is not None:
+        parity = parity.with_indices(index_agreement(indices, lambda x: runner.outputs(x)[1:], batches))
+    return parity
+
+
+def _index_reference(module: torch.nn.Module) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """PyTorch's kept-token indices of a token-sparse module, numpy → list of [N, k] arrays."""
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        with returning_indices(module), torch.inference_mode():
+            return [t.numpy() for t in module(torch.from_numpy(x))[1:]]
+
+    return run
 
 
 # ------------------------------------------------------------------ running and inspecting files
@@ -228,11 +256,15 @@ class OnnxRunner:
         return self.input_shape[0] if isinstance(self.input_shape[0], int) else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs(x, [self.output_name])[0]
+
+    def outputs(self, x: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        """The named outputs (all by default; the logits come first) for input batch `x`."""
         require_batch_size(self.input_shape, x.shape[0], self.path)
         fixed = [(i, d) for i, d in enumerate(self.input_shape) if isinstance(d, int) and i > 0]
         if x.ndim != len(self.input_shape) or any(x.shape[i] != d for i, d in fixed):
             raise CompressError(f"{self.path.name} takes input {list(self.input_shape)}, got {list(x.shape)}")
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.session.run(names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
 
 
 def import_onnxruntime():
@@ -304,7 +336,7 @@ def spec_metadata(module: torch.nn.Module) -> dict[str, str]:
     if spec:
         props.update(model=spec.get("model"), num_classes=spec.get("num_classes"),
                      mean=spec["normalization"]["mean"], std=spec["normalization"]["std"],
-                     prompt=spec.get("prompt") is not None, data=spec.get("data"))
+                     prompt=spec.get("prompt") is not None, data=spec.get("data"), tokens=spec.get("tokens"))
         if spec.get("classes"):
             props["classes"] = spec["classes"]
     else:

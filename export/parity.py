@@ -9,7 +9,7 @@ tolerance while flipping near-tied predictions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -36,13 +36,21 @@ class Parity:
     tolerance: float
     passed: bool
     inputs: str = ""  # what was compared, e.g. "16 seeded + 256 val images of digits"
+    # Token-sparse models: share of samples whose kept-token indices agree at every stage (None: no such outputs).
+    indices_agreement: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        indices = "" if self.indices_agreement is None else \
+            f", kept-token indices identical on {self.indices_agreement:.2%}"
         return (f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} (tolerance {self.tolerance:g}), "
-                f"top-1 agreement {self.top1_agreement:.2%} on {self.n_samples} samples")
+                f"top-1 agreement {self.top1_agreement:.2%}{indices} on {self.n_samples} samples")
+
+    def with_indices(self, agreement: float) -> Parity:
+        """This result with the kept-token index check added: identical indices are required to pass."""
+        return replace(self, indices_agreement=agreement, passed=self.passed and agreement == 1.0)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float, inputs: str = "") -> Parity:
@@ -80,6 +88,25 @@ def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Calla
     ref = np.concatenate([np.asarray(reference(images[i:i + REFERENCE_CHUNK]))
                           for i in range(0, len(images), REFERENCE_CHUNK)])
     return compare(ref, np.concatenate(got), tolerance, inputs)
+
+
+def index_agreement(reference: Callable[[np.ndarray], list[np.ndarray]],
+                    candidate: Callable[[np.ndarray], list[np.ndarray]],
+                    batches: Iterable[tuple[np.ndarray, int]]) -> float:
+    """Share of the real samples whose integer outputs (a token-sparse model's kept indices, one array per
+    stage) are identical between `reference` and `candidate` at every stage."""
+    same = total = 0
+    for x, n_real in batches:
+        ref, got = reference(x), candidate(x)
+        if len(ref) != len(got):
+            return 0.0
+        rows = np.ones(n_real, dtype=bool)
+        for r, g in zip(ref, got, strict=True):
+            r, g = np.asarray(r)[:n_real], np.asarray(g)[:n_real]
+            rows &= (r == g).reshape(n_real, -1).all(1) if r.shape == g.shape else False
+        same += int(rows.sum())
+        total += n_real
+    return same / max(1, total)
 
 
 def torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:

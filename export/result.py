@@ -56,6 +56,8 @@ class ExportResult:
                      ("max abs error", f"{p.max_abs:.3g}"),
                      ("max rel error", f"{p.max_rel:.3g} (tolerance {p.tolerance:g})"),
                      ("top-1 agreement", f"{p.top1_agreement:.2%} of {p.n_samples}"),
+                     *([("kept-token indices", f"identical on {p.indices_agreement:.2%} of {p.n_samples}")]
+                       if p.indices_agreement is not None else []),
                      ("compared on", p.inputs)]
         rows.append(("time", f"{self.build_time_s:.1f} s"))
         rows += [("note", n) for n in self.notes]

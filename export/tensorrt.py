@@ -293,7 +293,7 @@ def _source(onnx_or_module, work: Path, min_batch: int, max_batch: int | None, o
         dynamic = max_batch is not None and max_batch > min_batch
         onnx_path = work / "model.onnx"
         result = to_onnx(onnx_or_module, onnx_path, opset=opset, batch_size=min_batch, dynamic_batch=dynamic,
-                         check=check, data=data, log=log)
+                         check=check, data=data, log=log, token_indices=False)   # an engine has one output
         checked = f"onnxruntime parity {result.parity.summary()}" if result.parity else "onnxruntime not checked"
         notes = [f"built from an ONNX export ({result.exporter}; {checked})"]
         module = onnx_or_module.eval()
