@@ -54,9 +54,12 @@ def cuda_event_times(launch: Callable[[], Any], iterations: int, stream=None) ->
 def set_torch_tf32(enabled: bool) -> None:
     """TF32 for PyTorch's CUDA matmuls and cuDNN convolutions (cuDNN's default is on), with the
     `fp32_precision` API of PyTorch >= 2.9: mixing it with the legacy `allow_tf32` flags makes
-    PyTorch raise, so only this one is used."""
+    PyTorch raise, so only this one is used where it exists."""
     import torch
 
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch < 2.9: only the legacy flags exist
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+        return
     precision = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = precision
     torch.backends.cudnn.conv.fp32_precision = precision
