@@ -43,8 +43,12 @@ def test_side_by_side_json_has_every_design_key(files, tmp_path):
     assert "speedup" in r.stdout and "baseline" in r.stdout and f"wrote {out}" in r.stdout
     doc = json.loads(out.read_text())
     assert {"host", "settings", "results", "speedups"} <= set(doc)
-    assert all(set(RESULT_KEYS) <= set(row) for row in doc["results"]) and len(doc["results"]) == 4
-    assert all(set(SPEEDUP_KEYS) <= set(row) for row in doc["speedups"]) and len(doc["speedups"]) == 2
+    # the default backends: every one present that runs .onnx files (onnxruntime, plus ort-cuda, ort-trt and
+    # tensorrt where onnxruntime-gpu, TensorRT and a GPU are there), each with 2 targets x 2 batch sizes
+    backends = {row["backend"] for row in doc["results"]}
+    assert "onnxruntime" in backends and not backends & {"torch", "torch-cuda"}
+    assert all(set(RESULT_KEYS) <= set(row) for row in doc["results"]) and len(doc["results"]) == 4 * len(backends)
+    assert all(set(SPEEDUP_KEYS) <= set(row) for row in doc["speedups"]) and len(doc["speedups"]) == 2 * len(backends)
     assert doc["settings"]["threads"] == 1 and doc["settings"]["gate"] is None
 
 
