@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -67,60 +68,66 @@ def set_torch_tf32(enabled: bool) -> None:
 
 @functools.cache
 def provider_problem(provider: str) -> str | None:
-    """Why ONNX Runtime cannot load `provider`'s library here; None when it can.
+    """Why ONNX Runtime cannot use `provider` here; None when it can.
 
     `get_available_providers()` lists every provider the wheel was built with, even when the CUDA,
-    cuDNN or TensorRT libraries it links are missing; a session then falls back to the CPU. So the
-    provider library is loaded the way ONNX Runtime loads it (its shared bridge first, globally),
-    in a child process: a provider loaded before ONNX Runtime initialised its bridge would keep a
-    null host pointer in this one. The answer names the missing library (for onnxruntime-gpu 1.31's
-    TensorRT provider: libnvinfer.so.10, i.e. TensorRT 10, not 11)."""
-    if not sys.platform.startswith("linux"):
-        return None
+    cuDNN or TensorRT libraries it links are missing; a session then falls back to the CPU. So a
+    child process (torch imported first, for the CUDA runtime its wheel ships, as ONNX Runtime's
+    docs advise; tensorrt too, whose wheel loads libnvinfer) creates a one-node session on the
+    provider alone and reports ONNX Runtime's own error: for onnxruntime-gpu 1.31's TensorRT
+    provider without TensorRT 10, "libnvinfer.so.10: cannot open shared object file". A child,
+    because a provider library that fails half-way can take its process down, and loading one by
+    hand before ONNX Runtime has set up its bridge crashes its static initialisers."""
     ort = import_onnxruntime()
-    capi = Path(ort.__file__).parent / "capi"
-    short = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}[provider]
-    # torch first: it loads the CUDA runtime its wheel ships, as ONNX Runtime's docs advise; tensorrt's
-    # wheel loads libnvinfer from its tensorrt_libs package.
-    preload = ["torch"] + (["tensorrt"] if provider == "TensorrtExecutionProvider" else [])
-    problem = library_load_problem(capi / f"libonnxruntime_providers_{short}.so",
-                                   needs=[capi / "libonnxruntime_providers_shared.so"], imports=preload)
+    problem = session_problem(provider)
     if problem is None:
         return None
     hint = f"; install the TensorRT major it links: {TENSORRT_FOR_ORT}" if "libnvinfer" in problem else ""
-    return f"onnxruntime {ort.__version__} cannot load its {provider} ({problem}){hint}"
+    return f"onnxruntime {ort.__version__} cannot use its {provider} ({problem}){hint}"
 
 
-_LOAD_PROBE = """
-import ctypes, importlib, sys
-for name in sys.argv[3].split(","):
+_SESSION_PROBE = """
+import importlib, sys
+for name in ("torch", "tensorrt"):
     try:
-        importlib.import_module(name) if name else None
+        importlib.import_module(name)
     except ImportError:
         pass
+import onnxruntime as ort
+from onnx import TensorProto, helper
+provider = sys.argv[1]
+tensor = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [tensor("x")], [tensor("y")])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 8
 try:
-    for path in sys.argv[2].split(","):
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL) if path else None
-    ctypes.CDLL(sys.argv[1])
-except OSError as exc:
-    print(str(exc).splitlines()[0])
+    session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+except Exception as exc:
+    print("ERROR", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    sys.exit()
+print("OK" if provider in session.get_providers() else "FELLBACK " + ",".join(session.get_providers()))
 """
+# How ONNX Runtime words a provider library that does not load, then the probe's own verdicts.
+_PROBLEM_PATTERNS = (r"with error: ([^\n]+)", r"^ERROR ([^\n]+)", r"EP Error ([^\n]+)", r"^FELLBACK ([^\n]+)")
 
 
-def library_load_problem(path: Path, *, needs: list[Path] = (), imports: list[str] = ()) -> str | None:
-    """The dynamic loader's one-line complaint when `path` (or a library it needs) cannot load, in a
-    child process after importing `imports` and loading `needs` globally; None when it loads."""
-    for lib in [path, *needs]:
-        if not lib.is_file():
-            return f"{lib.name} is not installed"
+def session_problem(provider: str, timeout_s: float = 300) -> str | None:
+    """ONNX Runtime's complaint when a child process cannot create a session on `provider` alone;
+    None when the session uses it."""
     try:
-        child = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(path), ",".join(map(str, needs)),
-                                ",".join(imports)], capture_output=True, text=True, timeout=120)
+        child = subprocess.run([sys.executable, "-c", _SESSION_PROBE, provider], capture_output=True, text=True,
+                               timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return "loading it timed out"
-    if child.returncode != 0:
-        return (child.stderr.strip().splitlines() or [f"the loader exited with {child.returncode}"])[-1]
-    return child.stdout.strip() or None
+        return f"creating a session on it took over {timeout_s:.0f} s"
+    lines = child.stdout.strip().splitlines()
+    if child.returncode == 0 and lines and lines[-1] == "OK":
+        return None
+    text = child.stdout + "\n" + child.stderr
+    for pattern in _PROBLEM_PATTERNS:
+        if found := re.search(pattern, text, re.MULTILINE):
+            what = found.group(1).strip()
+            return f"a session on it fell back to {what}" if pattern.startswith("^FELLBACK") else what[:300]
+    return f"the probe process exited with {child.returncode}"
 
 
 class _CudaTiming:

@@ -1,7 +1,6 @@
 """Runner and measurement plumbing on tiny models (no timing is asserted anywhere)."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -337,26 +336,15 @@ def test_provider_fallback_skips_the_backend_instead_of_aborting(files, monkeypa
     assert "fell back to CPUExecutionProvider" in skip.reason
 
 
-def test_library_load_problem_names_the_missing_dependency(tmp_path):
-    """The probe that decides whether ONNX Runtime's GPU providers can load, on real shared libraries:
-    one whose dependency was removed (as libnvinfer.so.10 is missing beside TensorRT 11) is refused
-    with the loader's message naming it; one whose dependency is there loads."""
-    from bench.gpu_runners import library_load_problem
+def test_provider_probe_reports_what_onnx_runtime_says():
+    """The probe behind ort-cuda/ort-trt availability, on this machine's real ONNX Runtime: a provider
+    that works gives no problem; one the build lists but cannot use gives ONNX Runtime's own account
+    (with onnxruntime-gpu and no TensorRT 10: "libnvinfer.so.10: cannot open shared object file")."""
+    from bench.gpu_runners import session_problem
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the two test libraries")
-    (tmp_path / "dep.c").write_text("int dep(void) { return 7; }\n")
-    (tmp_path / "user.c").write_text("int dep(void);\nint user(void) { return dep(); }\n")
-    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libdep.so.10", "-o", tmp_path / "libdep.so.10",
-                    tmp_path / "dep.c"], check=True)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", tmp_path / "libuser.so", tmp_path / "user.c",
-                    tmp_path / "libdep.so.10"], check=True)
-    user = tmp_path / "libuser.so"
-    assert library_load_problem(user, needs=[tmp_path / "libdep.so.10"]) is None  # loaded first, globally
-    problem = library_load_problem(user)
-    assert problem is not None and "libdep.so.10" in problem
-    assert library_load_problem(tmp_path / "absent.so") == "absent.so is not installed"
+    assert session_problem("CPUExecutionProvider") is None
+    problem = session_problem("CoreMLExecutionProvider")  # in no Linux build: ONNX Runtime falls back
+    assert problem == "a session on it fell back to CPUExecutionProvider"
 
 
 def test_torch_tf32_is_set_explicitly_with_the_new_api():
