@@ -1,0 +1,286 @@
+"""A measured latency model: per-layer lookup tables of latency against kept input/output widths.
+
+HALP (Shen et al., NeurIPS 2022) and NetAdapt (Yang et al., 2018) budget pruning by latency measured
+on the target instead of FLOPs: grouped and depthwise convolutions, memory-bound layers and threading
+make latency a staircase in width. Here every convolution/Linear layer a group touches has a table of
+its latency (with the BatchNorm and activation right after it, as the deployed graph fuses them) at
+a grid of input × output widths; between grid points the table is interpolated bilinearly, which
+also makes the model differentiable for PASS's resource penalty.
+
+The network's latency is predicted as (everything the tables do not cover, taken from one
+measurement of the whole dense network) + Σ table latencies. The tables themselves are measured
+above the engine (bench/lut.py, with the bench runners); this module only holds the numbers and
+the arithmetic, and `layer_shapes` says which layers a network needs tables for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.pruning.allocation import AllowedCounts
+from compress.pruning.cost import CostModel, LayerWidths
+from compress.pruning.groups import ChannelGroup
+
+TABULATED = ("conv", "gconv", "dwconv", "linear")
+ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu",
+               nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Everything a layer's latency depends on besides its widths: the table's signature."""
+
+    op: str                          # "conv" or "linear"
+    input_shape: tuple[int, ...]     # at batch 1, batch dim excluded; the channel entry is the dense width
+    channel_dim: int                 # index of the channel entry in input_shape (conv: 0, linear: last)
+    cin: int                         # dense widths
+    cout: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1                  # fixed convolution groups (tiled groups); depthwise: see `depthwise`
+    depthwise: bool = False          # groups = in = out channels: one width axis
+    bias: bool = False
+    bn: bool = False                 # a BatchNorm right after it
+    act: str | None = None           # the activation right after it (after the BN)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerShape:
+        tuples = ("input_shape", "kernel", "stride", "padding", "dilation")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+
+@dataclass
+class LayerTable:
+    """Measured latency (ms, median) of one layer at cin × cout grid widths."""
+
+    layer: str                        # module name in the network
+    shape: LayerShape
+    cin: list[int]                    # one entry when the input width cannot change (or is tied to cout)
+    cout: list[int]
+    ms: list[list[float]]             # [len(cin)][len(cout)]
+
+    def dense_ms(self) -> float:
+        return self.ms[-1][-1]
+
+
+@dataclass
+class LatencyTable:
+    """The tables of one network on one target, and the whole dense network measured there."""
+
+    target: dict[str, Any]            # backend, threads, batch size, host, library versions
+    layers: list[LayerTable]
+    dense_ms: float                   # the whole dense network, measured
+    checks: list[dict[str, Any]] = field(default_factory=list)   # predicted vs measured whole networks
+
+
+@dataclass
+class LayerNeed:
+    """A layer that needs a table, and the widths to measure it at."""
+
+    layer: str
+    shape: LayerShape
+    cin: list[int]
+    cout: list[int]
+
+
+def layer_shapes(groups: list[ChannelGroup], example_input: torch.Tensor, round_to: int,
+                 points: int) -> list[LayerNeed]:
+    """The layers whose latency changes with pruning, their signatures and grid widths.
+
+    Each axis gets up to `points` widths that are multiples of `round_to` (and of the convolution
+    groups), from the narrowest the allowed widths permit to the dense width, evenly spread; every
+    multiple when there are no more than `points`.
+    """
+    if not groups:
+        return []
+    net = groups[0].graph.net
+    layers = LayerWidths(groups, lambda name: _is_tabulated(net, name))
+    allowed = AllowedCounts(groups, round_to)
+    low_in, low_out = layers.in_width(allowed.minimum), layers.out_width(allowed.minimum)
+    shapes = _trace_shapes(net, example_input, set(layers.names))
+    needs = []
+    for e, name in enumerate(layers.names):
+        shape = shapes[name]
+        step = _lcm(round_to, shape.groups)
+        variable_in = bool(layers.has_in[e]) and not shape.depthwise
+        cout = _grid(int(low_out[e]), shape.cout, step, points) if layers.a_out[e].any() else [shape.cout]
+        cin = _grid(int(low_in[e]), shape.cin, step, points) if variable_in else [shape.cin]
+        if len(cin) == 1 and len(cout) == 1:
+            continue                                   # nothing about this layer changes
+        needs.append(LayerNeed(name, shape, cin, cout))
+    return needs
+
+
+def _is_tabulated(net: nn.Module, name: str) -> bool:
+    try:
+        mod = net.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(mod, (nn.Conv2d, nn.Linear))
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def _grid(low: int, dense: int, step: int, points: int) -> list[int]:
+    """Up to `points` widths in [low, dense], multiples of `step` (dense and the lowest included)."""
+    first = max(step, -(-low // step) * step)
+    multiples = list(range(first, dense, step)) + [dense]
+    if len(multiples) <= points:
+        return multiples
+    picks = {round(i * (len(multiples) - 1) / (points - 1)) for i in range(points)}
+    return [multiples[i] for i in sorted(picks)]
+
+
+def _trace_shapes(net: nn.Module, example_input: torch.Tensor, names: set[str]) -> dict[str, LayerShape]:
+    """One forward pass at batch 1: each layer's input shape, and the BN/activation right after it."""
+    modules = dict(net.named_modules())
+    produced: dict[int, str] = {}          # output tensor id -> leaf module that produced it
+    consumer: dict[str, str] = {}          # module -> the first leaf module reading its output
+    inputs: dict[str, tuple[int, ...]] = {}
+    keep: list[torch.Tensor] = []          # holds every tensor so that ids stay unique during the pass
+
+    def pre(name):
+        def hook(_mod, args):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None:
+                return
+            keep.append(x)
+            producer = produced.get(id(x))
+            if producer is not None:
+                consumer.setdefault(producer, name)
+            if name in names:
+                inputs.setdefault(name, tuple(x.shape[1:]))
+        return hook
+
+    def post(name):
+        def hook(_mod, _args, out):
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+                produced[id(out)] = name
+        return hook
+
+    leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
+    hooks = [m.register_forward_pre_hook(pre(n)) for n, m in leaves]
+    hooks += [m.register_forward_hook(post(n)) for n, m in leaves]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(example_input[:1])
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {name: _shape(modules, name, inputs[name], consumer) for name in names if name in inputs}
+
+
+def _shape(modules: dict[str, nn.Module], name: str, input_shape: tuple[int, ...],
+           consumer: dict[str, str]) -> LayerShape:
+    mod = modules[name]
+    after = consumer.get(name)
+    bn = after is not None and isinstance(modules[after], nn.modules.batchnorm._BatchNorm)
+    if bn:
+        after = consumer.get(after)
+    act = ACTIVATIONS.get(type(modules[after])) if after is not None else None
+    if isinstance(mod, nn.Linear):
+        return LayerShape(op="linear", input_shape=input_shape, channel_dim=len(input_shape) - 1,
+                          cin=mod.in_features, cout=mod.out_features, bias=mod.bias is not None, bn=bn, act=act)
+    depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+    padding = mod.padding if not isinstance(mod.padding, str) else tuple(k // 2 for k in mod.kernel_size)
+    return LayerShape(op="conv", input_shape=input_shape, channel_dim=0, cin=mod.in_channels, cout=mod.out_channels,
+                      kernel=tuple(mod.kernel_size), stride=tuple(mod.stride), padding=tuple(padding),
+                      dilation=tuple(mod.dilation), groups=1 if depthwise else mod.groups, depthwise=depthwise,
+                      bias=mod.bias is not None, bn=bn, act=act)
+
+
+class LatencyModel(CostModel):
+    """Latency (ms) of the network for kept units per group, from a `LatencyTable`."""
+
+    name = "latency"
+    flag = "--latency-ratio"
+
+    def __init__(self, groups: list[ChannelGroup], table: LatencyTable):
+        super().__init__(groups)
+        self.table = table
+        by_name = {t.layer: t for t in table.layers}
+        self.layers = LayerWidths(groups, lambda name: name in by_name)
+        tables = [by_name[n] for n in self.layers.names]
+        self.tied = torch.tensor([t.shape.depthwise for t in tables], dtype=torch.bool)
+        longest = max((max(len(t.cin), len(t.cout)) for t in tables), default=1)
+        self.xs = _padded([t.cin for t in tables], longest)              # [E, P]
+        self.ys = _padded([t.cout for t in tables], longest)
+        self.z = torch.zeros(len(tables), longest, longest, dtype=torch.float64)
+        for e, t in enumerate(tables):
+            grid = torch.tensor(t.ms, dtype=torch.float64)
+            grid = torch.cat([grid, grid[-1:].expand(longest - grid.shape[0], -1)], 0)
+            self.z[e] = torch.cat([grid, grid[:, -1:].expand(-1, longest - grid.shape[1])], 1)
+        self.covered = float(self.tables_ms(self.widths))
+        self._dense = float(table.dense_ms)
+
+    @property
+    def dense(self) -> float:
+        return self._dense
+
+    def describe(self) -> str:
+        t = self.table.target
+        return f"latency on {t.get('backend')}, {t.get('threads')} thread(s), batch {t.get('batch_size')}"
+
+    def cost(self, kept: torch.Tensor) -> torch.Tensor:
+        """Predicted latency (ms): the dense network's measured latency, minus what the tables say the
+        pruned layers save."""
+        return self._dense - self.covered + self.tables_ms(kept)
+
+    def tables_ms(self, kept: torch.Tensor) -> torch.Tensor:
+        """Σ over tabulated layers of their interpolated latency ([..., ] like kept without the G dim)."""
+        kept = kept.to(torch.float64)
+        cout = self.layers.out_width(kept)
+        cin = torch.where(self.tied, cout, self.layers.in_width(kept))
+        return _bilinear(self.xs, self.ys, self.z, cin, cout).sum(-1)
+
+
+def _padded(rows: list[list[int]], length: int) -> torch.Tensor:
+    """Grids padded by repeating their last value (a flat extension interpolation never crosses)."""
+    return torch.tensor([r + [r[-1]] * (length - len(r)) for r in rows], dtype=torch.float64)
+
+
+def _interp_weights(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For x [..., E] on per-layer grids [E, P]: lower index, upper index and the upper weight (clamped)."""
+    flat = x.reshape(-1, x.shape[-1]).T.contiguous()                 # [E, B]
+    top = grid[:, -1:].expand_as(flat)
+    flat = torch.minimum(torch.maximum(flat, grid[:, :1]), top)
+    hi = torch.searchsorted(grid, flat.detach()).clamp(1, grid.shape[1] - 1) if grid.shape[1] > 1 else \
+        torch.zeros_like(flat, dtype=torch.long)
+    lo = (hi - 1).clamp(min=0)
+    x0, x1 = grid.gather(1, lo), grid.gather(1, hi)
+    span = x1 - x0
+    w = torch.where(span > 0, (flat - x0) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat))
+    return lo, hi, w
+
+
+def _bilinear(xs: torch.Tensor, ys: torch.Tensor, z: torch.Tensor, cin: torch.Tensor, cout: torch.Tensor
+              ) -> torch.Tensor:
+    """Per-layer bilinear interpolation of z [E, P, P] at (cin, cout) [..., E]; returns [..., E]."""
+    xl, xh, wx = _interp_weights(xs, cin)
+    yl, yh, wy = _interp_weights(ys, cout)
+    p = z.shape[1]
+    flat_z = z.reshape(z.shape[0], -1)
+
+    def at(i, j):
+        return flat_z.gather(1, i * p + j)
+
+    out = (at(xl, yl) * (1 - wx) * (1 - wy) + at(xl, yh) * (1 - wx) * wy
+           + at(xh, yl) * wx * (1 - wy) + at(xh, yh) * wx * wy)             # [E, B]
+    return out.T.reshape(cin.shape)

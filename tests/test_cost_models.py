@@ -1,0 +1,147 @@
+"""The cost-model protocol, the latency model's arithmetic and the knapsack allocation (no timing here:
+tables are built from known functions, so every figure has an exact expected value)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.models import create_model
+from compress.pruning import find_groups, l1_scores, random_scores
+from compress.pruning.allocation import AllowedCounts, cumulative_values
+from compress.pruning.flops_model import FlopsModel
+from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerTable, layer_shapes
+from compress.pruning.target import select_counts, select_masks
+
+
+def _x(size=16):
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    torch.manual_seed(0)
+    net = create_model("resnet20", 10, 16).eval()
+    return net, find_groups(net, _x())
+
+
+def _table(groups, round_to=8, points=4, fn=None, dense_ms=None) -> LatencyTable:
+    """A table whose every layer costs fn(shape, cin, cout) ms exactly at its grid points."""
+    fn = fn or (lambda shape, ci, co: 1e-3 * ci * co * (shape.kernel[0] ** 2 if shape.kernel else 1))
+    needs = layer_shapes(groups, _x(), round_to, points)
+    layers = []
+    for n in needs:
+        cin = [n.cout[0]] if n.shape.depthwise else n.cin
+        rows = [[fn(n.shape, co, co) for co in n.cout]] if n.shape.depthwise else \
+            [[fn(n.shape, ci, co) for co in n.cout] for ci in n.cin]
+        layers.append(LayerTable(n.layer, n.shape, cin, n.cout, rows))
+    dense_ms = dense_ms or 1.2 * sum(t.dense_ms() for t in layers)       # 20% outside the tables
+    return LatencyTable(target={"backend": "test", "threads": 1, "batch_size": 1}, layers=layers, dense_ms=dense_ms)
+
+
+# ------------------------------------------------------------------ layer shapes
+
+
+def test_layer_shapes_of_resnet20(resnet20):
+    _net, groups = resnet20
+    needs = {n.layer: n for n in layer_shapes(groups, _x(), round_to=8, points=3)}
+    conv = needs["layer2.0.conv1"]
+    assert conv.shape.op == "conv" and conv.shape.kernel == (3, 3) and conv.shape.stride == (2, 2)
+    assert conv.shape.bn and conv.shape.act == "relu"                  # conv → bn → relu, fused when deployed
+    assert needs["layer2.0.conv2"].shape.act is None                   # conv → bn → (+ shortcut) → relu
+    second = needs["layer2.0.conv2"]
+    assert second.shape.input_shape == (32, 8, 8) and second.shape.cin == second.shape.cout == 32
+    assert second.cin == [8, 24, 32] and second.cout == [8, 24, 32]  # multiples of 8, ≤ 3 points, dense included
+    stem = needs["conv1"]
+    assert stem.cin == [3] and stem.cout == [8, 16]               # the image channels never change
+    fc = needs["fc"]
+    assert fc.shape.op == "linear" and fc.cout == [10] and fc.cin[0] == 8 and fc.cin[-1] == 64 and len(fc.cin) == 3
+
+
+def test_depthwise_layers_have_one_axis():
+    net = create_model("mobilenet_v2", 10, 32).eval()
+    groups = find_groups(net, _x(32))
+    needs = layer_shapes(groups, _x(32), round_to=8, points=4)
+    dw = [n for n in needs if n.shape.depthwise]
+    assert dw and all(len(n.cin) == 1 and n.shape.groups == 1 for n in dw)
+    assert any(n.shape.act == "relu6" for n in needs)
+
+
+# ------------------------------------------------------------------ latency model
+
+
+def test_latency_model_interpolates_bilinear_tables_exactly(resnet20):
+    _net, groups = resnet20
+    table = _table(groups, points=3, dense_ms=100.0)
+    model = LatencyModel(groups, table)
+    dense_sum = sum(t.dense_ms() for t in table.layers)
+    assert model.dense == 100.0 and model.covered == pytest.approx(dense_sum)
+    kept = torch.tensor([max(8.0, w - 8.0) for w in model.widths.tolist()], dtype=torch.float64)
+    # cin·cout is bilinear, so interpolation between grid points is exact: predict it by hand
+    fm = FlopsModel.for_groups(groups)
+    layers = model.layers
+    cin, cout = layers.in_width(kept), layers.out_width(kept)
+    expected = 0.0
+    for e, name in enumerate(layers.names):
+        t = next(t for t in table.layers if t.layer == name)
+        ci = t.shape.cin if len(t.cin) == 1 else float(cin[e])
+        co = t.shape.cout if len(t.cout) == 1 else float(cout[e])
+        k2 = t.shape.kernel[0] ** 2 if t.shape.kernel else 1
+        expected += 1e-3 * ci * co * k2
+    assert float(model.cost(kept)) == pytest.approx(100.0 - dense_sum + expected)
+    assert fm.ids == model.ids
+
+
+def test_latency_model_gradient_and_batch(resnet20):
+    _net, groups = resnet20
+    model = LatencyModel(groups, _table(groups))
+    frac = torch.full((len(groups),), 0.6, dtype=torch.float64, requires_grad=True)
+    ratio = model.ratio_of_fractions(frac)
+    ratio.backward()
+    assert 0 < float(ratio.detach()) < 1 and bool((frac.grad >= 0).all()) and float(frac.grad.sum()) > 0
+    batch = torch.stack([model.widths, model.widths * 0.5])
+    both = model.ratio(batch)
+    assert both.shape == (2,) and float(both[0]) == pytest.approx(1.0) and float(both[1]) < 1
+
+
+def test_select_masks_on_latency(resnet20):
+    _net, groups = resnet20
+    model = LatencyModel(groups, _table(groups, points=8))
+    for allocation in ("rank", "knapsack"):
+        masks = select_masks(l1_scores(groups), groups, model, 0.6, round_to=8, allocation=allocation)
+        assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.03
+    masks = select_masks(l1_scores(groups), groups, model, 0.6, scope="local", round_to=8)
+    assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.03
+    with pytest.raises(CompressError, match=r"--latency-ratio 0.01 is unreachable .* smallest reachable is"):
+        select_masks(l1_scores(groups), groups, model, 0.01, round_to=8)
+
+
+# ------------------------------------------------------------------ knapsack
+
+
+def test_knapsack_is_near_the_exhaustive_optimum(resnet20):
+    """round-to 16 leaves 4096 allocations: enumerate them all and compare values at equal budget."""
+    _net, groups = resnet20
+    fm = FlopsModel.for_groups(groups)
+    allowed = AllowedCounts(groups, 16)
+    grid = torch.cartesian_prod(*[torch.tensor(r, dtype=torch.float64) for r in allowed.rows])
+    ratios = fm.ratio(grid)
+    for seed in range(3):
+        scores = random_scores(groups, seed)
+        vals = [scores[g.id].double() / scores[g.id].double().abs().mean() for g in groups]
+        cum = cumulative_values(vals)
+        values = sum(cum[g][grid[:, g].long()] for g in range(len(groups)))
+        for target in (0.55, 0.7):
+            kept = select_counts(scores, groups, fm, target, round_to=16, allocation="knapsack")
+            ratio = float(fm.ratio(kept))
+            value = sum(float(cum[g][int(kept[g])]) for g in range(len(groups)))
+            best = float(values[ratios <= max(ratio, target) + 1e-9].max())
+            assert abs(ratio - target) <= 0.03 and value >= 0.98 * best
+
+
+def test_knapsack_needs_global_scope(resnet20):
+    _net, groups = resnet20
+    with pytest.raises(CompressError, match="needs --scope global"):
+        select_masks(l1_scores(groups), groups, FlopsModel.for_groups(groups), 0.5, scope="local",
+                     allocation="knapsack")
