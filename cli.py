@@ -259,5 +259,40 @@ def study(**kw) -> None:
                f"({results['runs_done']} runs done, {results['runs_reused']} reused, {results['study_wall_s']:.0f} s)")
 
 
+@main.command("latency-table", context_settings=CONTEXT)
+@click.option("--model", help="Model name to tabulate (random weights: latency does not depend on them).")
+@click.option("--from", "source", type=click.Path(), help="Or a run directory (its model as trained or pruned).")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Input size for --model.")
+@click.option("--num-classes", default=1000, show_default=True, type=int, help="Classifier width for --model.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="Where to measure: onnxruntime (ort), torch, torch-cuda, tensorrt, ort-cuda.")
+@click.option("--threads", type=int, help="CPU threads  [default: physical cores]")
+@click.option("--batch-size", default=1, show_default=True, type=int)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp16/bf16: torch-cuda only.")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="CPU backends: wall clock, or the calling thread's CPU time (one thread; immune to other "
+              "processes on a shared machine).")
+@click.option("--round-to", default=8, show_default=True, type=int, help="Widths measured are multiples of K.")
+@click.option("--points", default=6, show_default=True, type=int,
+              help="Widths measured per axis of each layer (all multiples of --round-to when there are fewer).")
+@click.option("--cache-dir", type=click.Path(), help="Table cache  [default: $COMPRESS_CACHE_DIR/latency or "
+              "~/.cache/compress/latency]")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the tables here as JSON.")
+@handle_errors
+def latency_table(**kw) -> None:
+    """Measure (or reuse from the cache) a model's per-layer latency lookup tables on a backend, and
+    check their whole-network prediction against the measured whole network.
+
+    Each convolution/Linear layer that pruning can narrow is timed, with the BatchNorm and activation
+    after it, over a grid of input × output widths with the bench runners (median of interleaved
+    runs). Tables are cached per backend, library versions, host, layer signature, batch size and
+    threads, and reused by `compress prune --latency-ratio`.
+    """
+    from bench.lut_command import latency_table_command
+
+    latency_table_command(**kw)
+
+
 if __name__ == "__main__":
     main()
