@@ -42,7 +42,8 @@ def result_record(r: Result) -> dict[str, Any]:
 def speedup_record(s: Speedup) -> dict[str, Any]:
     return {"baseline": s.baseline, "target": s.target, "backend": s.backend, "batch_size": s.batch_size,
             "speedup": s.speedup, "flops_ratio": s.flops_ratio, "fidelity": s.fidelity,
-            "speedup_ci95": [s.ci_low, s.ci_high]}
+            "speedup_ci95": [s.ci_low, s.ci_high], "latency_ratio": 1.0 / s.speedup,
+            "latency_ratio_target": s.latency_ratio_target, "latency_target_error": s.latency_target_error}
 
 
 def verdict_record(v: Verdict) -> dict[str, Any]:
@@ -131,16 +132,21 @@ def human(n: float | None) -> str:
 def table(run: BenchRun) -> Table:
     """One row per target × backend × batch size, with speedup and fidelity against the baseline."""
     ups = {(s.target, s.backend, s.batch_size): s for s in run.speedups}
+    aimed = any(s.latency_ratio_target is not None for s in run.speedups)
     t = Table(title=f"compress bench — baseline {run.baseline}, {run.settings['threads']} thread(s), "
                     f"{run.settings['clock']} clock",
               caption=f"FLOPs: fvcore MACs at batch 1. CV > {UNSTABLE_CV:.0%} is flagged unstable; oversubscribed: "
                       f"the run's threads waited for a CPU > {OVERSUBSCRIBED_WAIT:.0%} of the (wall-clock) time. "
-                      "Speedup: baseline median ÷ median \\[bootstrap 95% CI]; fidelity: speedup ÷ FLOPs reduction.")
+                      "Speedup: baseline median ÷ median \\[bootstrap 95% CI]; fidelity: speedup ÷ FLOPs reduction."
+                      + (" Latency ratio: median ÷ baseline median (the --latency-ratio the run was pruned to, "
+                         "relative error)." if aimed else ""))
     for name, justify in (("target", "left"), ("backend", "left"), ("batch", "right"), ("median ms", "right"),
                           ("p90 ms", "right"), ("p99 ms", "right"), ("CV", "right"), ("img/s", "right"),
                           ("FLOPs", "right"), ("params", "right"), ("cold ms", "right"),
                           ("speedup \\[95% CI]", "right"), ("fidelity", "right")):
         t.add_column(name, justify=justify)
+    if aimed:
+        t.add_column("latency ratio (target, error)", justify="right")
     order = {tg.label: i for i, tg in enumerate(run.targets)}
     rows = sorted(run.results, key=lambda r: (r.backend, r.batch_size, order.get(r.target, 0)))
     for r in rows:
@@ -154,9 +160,12 @@ def table(run: BenchRun) -> Table:
         if up is not None:
             speed = f"{up.speedup:.2f}x [{up.ci_low:.2f}, {up.ci_high:.2f}]"
             fidelity = f"{up.fidelity:.2f}" if up.fidelity is not None else "-"
-        t.add_row(r.target, r.backend, str(r.batch_size), f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
-                  f"{s.p99_ms:.3f}", cv, f"{s.throughput:,.0f}", human(r.flops), human(r.params),
-                  f"{r.cold_start_ms:.0f}", speed, fidelity)
+        row = [r.target, r.backend, str(r.batch_size), f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
+               f"{s.p99_ms:.3f}", cv, f"{s.throughput:,.0f}", human(r.flops), human(r.params),
+               f"{r.cold_start_ms:.0f}", speed, fidelity]
+        if aimed:
+            row.append(_latency_cell(up))
+        t.add_row(*row)
     return t
 
 
@@ -171,3 +180,12 @@ def oversubscription_note(run: BenchRun) -> str | None:
             f"waited for a CPU up to {worst.cpu_wait:.0%} of the time, because other processes compete for the cores. "
             "Those latencies measure the machine's load as much as the model; re-run on a quiet machine, or compare "
             "with --threads 1 --clock cpu.")
+
+
+def _latency_cell(up: Speedup | None) -> str:
+    """Measured latency ratio, and against the ratio the run was pruned to: "0.512 (0.50, +2.4%)"."""
+    if up is None:
+        return "-"
+    if up.latency_ratio_target is None:
+        return f"{1 / up.speedup:.3f}"
+    return f"{1 / up.speedup:.3f} ({up.latency_ratio_target:g}, {up.latency_target_error:+.1%})"

@@ -96,7 +96,9 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
     record = {**asdict(settings), "backends": chosen, "batch_sizes": list(batch_sizes), "resamples": resamples}
     host = {**host_info(), "load_average_1m_before": load_before}
     return BenchRun(host=host, settings=record, targets=targets, results=results,
-                    speedups=speedups(results, targets[0].label, resamples=resamples), skips=skips)
+                    speedups=speedups(results, targets[0].label, resamples=resamples, threads=settings.threads,
+                                      latency_targets={t.label: t.latency_target for t in targets
+                                                       if t.latency_target}), skips=skips)
 
 
 def check_batch_sizes(batch_sizes: Sequence[int], targets: list[Target]) -> list[int]:

@@ -28,6 +28,7 @@ class Target:
     flops: int | None = None
     params: int | None = None
     batch_dim: int | None = None  # fixed batch size of an ONNX file; None when dynamic or unknown
+    latency_target: dict | None = None  # a run pruned to a latency ratio: ratio, backend, threads, batch_size
     _module: DeployableModule | None = field(default=None, repr=False)
     _onnx: Path | None = field(default=None, repr=False)
 
@@ -78,7 +79,7 @@ def _resolve(path: Path, label: str) -> Target:
 
         read_spec(path)  # one-line error when it is not a run directory
         flops, params = _run_counts(path)
-        return Target(label, path, "run", flops, params)
+        return Target(label, path, "run", flops, params, latency_target=_latency_target(path))
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return Target(label, path, "onnx", *_onnx_facts(path))
@@ -101,6 +102,17 @@ def _run_counts(path: Path) -> tuple[int | None, int | None]:
         module = load(path)
         flops, params = count_flops(module, module.input_size), count_params(module)
     return int(flops), int(params)
+
+
+def _latency_target(path: Path) -> dict | None:
+    """What `compress prune --latency-ratio` aimed at, from report.json (None for other runs)."""
+    from compress.runs import read_report
+
+    report = read_report(path) if (path / "report.json").is_file() else {}
+    if report.get("latency_ratio_target") is None:
+        return None
+    return {"ratio": report["latency_ratio_target"], "backend": report.get("latency_backend"),
+            "threads": report.get("latency_threads"), "batch_size": report.get("latency_batch_size")}
 
 
 def _onnx_facts(path: Path) -> tuple[int | None, int | None, int | None]:
