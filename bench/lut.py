@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.backends import RUNNERS
 from bench.layers import onnx_layer, torch_layer
 from bench.lut_cache import TableCache, TableTarget, check_grid
 from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
-from bench.runners import RUNNERS
 from bench.targets import Target
 from compress.errors import CompressError
 from compress.pruning.allocation import AllowedCounts

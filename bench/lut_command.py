@@ -60,7 +60,7 @@ def latency_table_command(*, model: str | None = None, source: str | None = None
 
 
 def _backend(name: str) -> str:
-    from bench.runners import parse_backends
+    from bench.backends import parse_backends
 
     names = parse_backends(name)
     if not names or len(names) != 1:
