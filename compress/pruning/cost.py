@@ -56,7 +56,7 @@ class CostModel(ABC):
 
     def ratio_of_fractions(self, fractions: torch.Tensor) -> torch.Tensor:
         """Ratio when each group keeps `fractions` (in [0, 1], differentiable) of its units."""
-        return self.ratio(fractions.to(torch.float64) * self.widths)
+        return self.ratio(fractions.to(device="cpu", dtype=torch.float64) * self.widths)
 
     def kept(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Kept units per group for boolean masks (groups without a mask keep everything)."""

@@ -53,5 +53,5 @@ class FlopsModel(CostModel):
 
     def cost(self, kept: torch.Tensor) -> torch.Tensor:
         """Estimated FLOPs for `kept` units per group ([G] or a batch [B, G]; float, may need grad)."""
-        kept = kept.to(torch.float64)
+        kept = kept.to(device="cpu", dtype=torch.float64)   # the model lives on the CPU
         return self.fixed_flops + (self.layer_flops * self.layers.frac_in(kept) * self.layers.frac_out(kept)).sum(-1)

@@ -245,7 +245,7 @@ class LatencyModel(CostModel):
 
     def tables_ms(self, kept: torch.Tensor) -> torch.Tensor:
         """Σ over tabulated layers of their interpolated latency ([..., ] like kept without the G dim)."""
-        kept = kept.to(torch.float64)
+        kept = kept.to(device="cpu", dtype=torch.float64)   # the model lives on the CPU
         cout = self.layers.out_width(kept)
         cin = torch.where(self.tied, cout, self.layers.in_width(kept))
         return _bilinear(self.xs, self.ys, self.z, cin, cout).sum(-1)

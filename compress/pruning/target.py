@@ -59,7 +59,7 @@ def masks_of_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup],
     masks = {}
     for g, k in zip(groups, kept.tolist(), strict=True):
         mask = torch.zeros(g.width, dtype=torch.bool)
-        order = torch.argsort(scores[g.id].detach().flatten(), descending=True, stable=True)
+        order = torch.argsort(scores[g.id].detach().cpu().flatten(), descending=True, stable=True)
         mask[order[: int(round(k))]] = True
         masks[g.id] = mask
     return masks
@@ -88,7 +88,7 @@ def select_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup], c
     if ratio < lowest - 1e-9:
         raise CompressError(f"{flag} {ratio} is unreachable for this model with --round-to {round_to}: the smallest "
                             f"reachable is {lowest:.4f} (every group at its minimum width; {cost_model.describe()})")
-    vals = [scores[g.id].detach().to(torch.float64).flatten() for g in groups]
+    vals = [scores[g.id].detach().to(device="cpu", dtype=torch.float64).flatten() for g in groups]
     for g, v in zip(groups, vals, strict=True):
         if v.numel() != g.width:
             raise ValueError(f"scores for group {g.id} have {v.numel()} entries, the group has {g.width} units")
