@@ -52,6 +52,28 @@ def test_one_step_matches_the_hand_computed_iteration():
     torch.testing.assert_close(opt.gamma("fc")[0][0], 2.0 * (1 - 1 / 1.225 ** 0.5) * torch.tensor([0.35, 1.05]))
 
 
+def test_a_group_threshold_scales_the_shrinkage():
+    """The same first step with λ = 2: ‖V₁‖ = 2.5 > 2, Γ₁ = κ(1 − 2/2.5)·V₁ = [0.6, 0.8]; a λ of 3 keeps Γ₁ = 0."""
+    for lam, gamma in ((2.0, [0.6, 0.8]), (3.0, [0.0, 0.0])):
+        w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.6, 0.8]]))
+        opt = SplitLBI([w], [GammaGroup("fc", 2, [_rows(w, "fc.weight")], threshold=lam)], lr=0.25, kappa=2.0,
+                       nu=0.5, momentum=0.0)
+        w.grad = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
+        opt.step()
+        torch.testing.assert_close(opt.gamma("fc")[0][0], torch.tensor(gamma))
+        assert opt.support()["fc"].tolist() == [lam < 2.5, False]
+
+
+def test_group_mean_thresholds_are_the_mean_unit_norm():
+    net, x, _y = _separable_task()
+    groups = find_groups(net, x[:1])
+    for g, gg in zip(groups, gamma_groups(groups), strict=True):
+        norms = (net[0].weight.pow(2).sum(1) + net[2].weight.pow(2).sum(0)).detach().sqrt() if g is groups[0] else None
+        if norms is not None:
+            assert gg.threshold == pytest.approx(float(norms.mean()), rel=1e-5)
+    assert {gg.threshold for gg in gamma_groups(groups, threshold="one")} == {1.0}
+
+
 def test_a_unit_spans_its_coupled_slices_and_overlapping_groups_add_their_pull():
     """Unit 0 of group "h" owns row 0 of A and column 0 of B. (α/ν)·‖row‖ = 0.5 and (α/ν)·‖col‖ = 1.0
     are each inside the unit ball; together √1.25 > 1, so the unit enters the support on step 1.
@@ -212,3 +234,20 @@ def test_gather_and_scatter_are_inverse_on_every_kind_of_slice():
         picked = w[[3, 0]] if kind == "rows" else w[:, [3, 0]]
         torch.testing.assert_close(s.gather(out), s.gather(w))
         assert int((out != 0).sum()) == picked.numel()
+
+
+def test_path_points_and_plot(path_run):
+    from compress.methods.lbi_path import entry_epochs, path_png, path_point
+
+    _net, _x, _y, groups, opt, _path = path_run
+    fm = groups[0].graph.flops_model
+    point = path_point(opt, fm, 3.0, accuracy=0.9, support_accuracy=0.8)
+    support = opt.support()
+    assert point["support_units"] == sum(int(m.sum()) for m in support.values()) > 0
+    assert point["flops_ratio"] == round(fm.ratio_of_masks(support), 6) < 1.0
+    assert point["per_group"] == {gid: int(m.sum()) for gid, m in support.items()}
+    entries = entry_epochs(opt, steps_per_epoch=100)
+    assert [e is None for e in entries[groups[0].id]] == (opt.entered[groups[0].id] < 0).tolist()
+    empty = {**point, "epoch": 0.0, "support_share": 0.0, "flops_ratio": 0.0, "per_group": {}}
+    png = path_png([empty, point], {g.id: g.width for g in groups}, title="test")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

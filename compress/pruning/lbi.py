@@ -10,18 +10,19 @@ rate α and the gradient direction D of L (SGD with momentum, or Adam's):
 
     W ← W − κα (D + Σ_g P_gᵀ (P_g W − Γ_g) / ν)            (AdamW: W ← (1 − α·wd) W first)
     V_g ← V_g + (α/ν) (P_g W − Γ_g)                          (old W and Γ: a Bregman step on Γ)
-    Γ_g ← κ · Prox(V_g),   Prox(V)_u = max(0, 1 − 1/‖V_u‖) V_u   for each unit u of the group.
+    Γ_g ← κ · Prox(V_g),   Prox(V)_u = max(0, 1 − λ_g/‖V_u‖) V_u   for each unit u of the group.
 
 A Γ group is one *unit* of a channel group (a channel, an attention head, a tiled channel
 position), spanning the unit's slices in every coupled layer: channel pruning keeps or removes
-exactly that. Γ starts at zero and its support grows as units' V cross the unit ball: the inverse
+exactly that. Γ starts at zero and its support grows as units' V leave the ball of radius λ_g: the inverse
 scale space. The step at which each unit first enters the support orders the units (earlier =
 more important); units that never enter are ordered by ‖V_u‖ (how close they came).
 
 Differences from the authors' `slbi_opt.py`: Γ groups span coupled layers (theirs: one conv's
 filters, elementwise L1 for linear layers), so a weight coupled to two groups (a conv's filter of
 one group is a column of another's consumer) is pulled towards both Γs; momentum and weight decay
-act on the gradient of L only (theirs fold weight decay into the momentum buffer); Γ is not
+act on the gradient of L only (theirs fold weight decay into the momentum buffer); λ_g is by
+default the group's mean unit norm at the start (theirs: 1; see `gamma_groups`); Γ is not
 stored but recomputed from V (it is a function of V); entry is recorded per step, not per epoch.
 The authors' `mu` is ν here (their coupling term is (W − Γ)·lr·κ/mu).
 """
@@ -41,22 +42,41 @@ from compress.pruning.groups import ChannelGroup
 INNER = ("sgd", "adamw")
 
 
+THRESHOLDS = ("group-mean", "one")
+
+
 @dataclass(eq=False)
 class GammaGroup:
-    """The Γ of one channel group: `width` units, each spanning its rows in every slice."""
+    """The Γ of one channel group: `width` units, each spanning its rows in every slice; a unit is in
+    the support when ‖V_u‖ > `threshold` (the weight λ_g of its group in Σ_g λ_g Σ_u ‖Γ_u‖)."""
 
     id: str
     width: int
     slices: list[UnitSlice]
+    threshold: float = 1.0
 
 
-def gamma_groups(groups: Sequence[ChannelGroup]) -> list[GammaGroup]:
-    """One GammaGroup per channel group that owns weights."""
+def gamma_groups(groups: Sequence[ChannelGroup], threshold: str = "group-mean") -> list[GammaGroup]:
+    """One GammaGroup per channel group that owns weights.
+
+    threshold "one" is the authors' (every unit thresholded at 1). "group-mean" sets λ_g to the mean
+    unit norm ‖P_g W_u‖ of the starting weights: units then enter by their norm relative to their own
+    group, so groups of very different sizes (a residual stream spans a dozen layers, a block's inner
+    conv two) can be ranked together — the authors prune layer by layer and never compare them.
+    """
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}, got {threshold!r}")
     out = []
     for g in groups:
         slices = group_slices(g)
-        if slices:
-            out.append(GammaGroup(id=g.id, width=g.width, slices=slices))
+        if not slices:
+            continue
+        lam = 1.0
+        if threshold == "group-mean":
+            with torch.no_grad():
+                sq = sum(s.unit_sums(s.gather(s.param).pow(2), g.width) for s in slices)
+            lam = max(float(sq.sqrt().mean()), 1e-12)
+        out.append(GammaGroup(id=g.id, width=g.width, slices=slices, threshold=lam))
     return out
 
 
@@ -115,7 +135,7 @@ class SplitLBI(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr * self.kappa)
         self.steps += 1
         for gg in self.structure:
-            new = (self.unit_norms(gg.id) > 1.0).cpu() & (self.entered[gg.id] < 0)
+            new = (self.unit_norms(gg.id) > gg.threshold).cpu() & (self.entered[gg.id] < 0)
             self.entered[gg.id][new] = self.steps
         return loss
 
@@ -145,9 +165,9 @@ class SplitLBI(torch.optim.Optimizer):
         return m_hat / (v_hat.sqrt() + group["eps"])
 
     def _shrink_factor(self, gg: GammaGroup) -> torch.Tensor:
-        """κ·max(0, 1 − 1/‖V_u‖) per unit: Γ_u = factor_u · V_u."""
+        """κ·max(0, 1 − λ_g/‖V_u‖) per unit: Γ_u = factor_u · V_u."""
         norms = self.unit_norms(gg.id)
-        return self.kappa * torch.clamp(1.0 - 1.0 / norms.clamp_min(1e-30), min=0.0)
+        return self.kappa * torch.clamp(1.0 - gg.threshold / norms.clamp_min(1e-30), min=0.0)
 
     # ------------------------------------------------------------------ reading the path
 
@@ -168,16 +188,16 @@ class SplitLBI(torch.optim.Optimizer):
 
     def support(self) -> dict[str, torch.Tensor]:
         """Per group, the units where Γ ≠ 0 now (bool, CPU)."""
-        return {gg.id: (self.unit_norms(gg.id) > 1.0).cpu() for gg in self.structure}
+        return {gg.id: (self.unit_norms(gg.id) > gg.threshold).cpu() for gg in self.structure}
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-unit importance from the path (float64, CPU; higher = keep): minus the step the unit
         entered the support (units never in it count as entering after the last step), plus
-        ‖V_u‖/(1 + ‖V_u‖) ∈ [0, 1), which breaks ties by ‖V_u‖ — for units in the support that is
-        the order of ‖Γ_u‖ = κ(‖V_u‖ − 1), for the others how close they came to entering."""
+        r/(1 + r) ∈ [0, 1) with r = ‖V_u‖/λ_g, which breaks ties by r — for units in the support that
+        is the order of ‖Γ_u‖ = κ(‖V_u‖ − λ_g), for the others how close they came to entering."""
         out = {}
         for gg in self.structure:
-            norms = self.unit_norms(gg.id).detach().to(torch.float64).cpu()
+            norms = self.unit_norms(gg.id).detach().to(torch.float64).cpu() / gg.threshold
             entered = self.entered[gg.id].to(torch.float64)
             entered[entered < 0] = self.steps + 1
             out[gg.id] = -entered + norms / (1.0 + norms)
@@ -191,7 +211,8 @@ class SplitLBI(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["lbi"] = {"steps": self.steps, "V": {k: [v.detach().clone() for v in vs] for k, vs in self.V.items()},
-                     "entered": {k: e.clone() for k, e in self.entered.items()}}
+                     "entered": {k: e.clone() for k, e in self.entered.items()},
+                     "thresholds": {gg.id: gg.threshold for gg in self.structure}}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -203,6 +224,8 @@ class SplitLBI(torch.optim.Optimizer):
         if set(lbi["V"]) != set(self.V):
             raise ValueError("this checkpoint's Γ groups differ from the optimiser's")
         self.steps = int(lbi["steps"])
+        for gg in self.structure:            # λ_g is fixed at the start of the path, not by the weights now
+            gg.threshold = float(lbi["thresholds"][gg.id])
         for k, vs in lbi["V"].items():
             for mine, saved in zip(self.V[k], vs, strict=True):
                 mine.copy_(saved)
@@ -215,4 +238,4 @@ def support_share(support: dict[str, torch.Tensor]) -> float:
     return sum(int(m.sum()) for m in support.values()) / total if total else math.nan
 
 
-__all__ = ["INNER", "GammaGroup", "SplitLBI", "gamma_groups", "support_share"]
+__all__ = ["INNER", "THRESHOLDS", "GammaGroup", "SplitLBI", "gamma_groups", "support_share"]
