@@ -237,17 +237,21 @@ def test_gather_and_scatter_are_inverse_on_every_kind_of_slice():
 
 
 def test_path_points_and_plot(path_run):
-    from compress.methods.lbi_path import entry_epochs, path_png, path_point
+    from compress.methods.lbi_path import build_path, entry_epochs, path_png, support_summary
 
     _net, _x, _y, groups, opt, _path = path_run
     fm = groups[0].graph.flops_model
-    point = path_point(opt, fm, 3.0, accuracy=0.9, support_accuracy=0.8)
+    now = support_summary(opt, fm)
     support = opt.support()
-    assert point["support_units"] == sum(int(m.sum()) for m in support.values()) > 0
-    assert point["flops_ratio"] == round(fm.ratio_of_masks(support), 6) < 1.0
-    assert point["per_group"] == {gid: int(m.sum()) for gid, m in support.items()}
+    assert now["support_units"] == sum(int(m.sum()) for m in support.values()) > 0
+    assert now["support_flops_ratio"] == round(fm.ratio_of_masks(support), 6) < 1.0
+    start = {"step": 0, "support_units": 0, "support_share": 0.0, "support_flops_ratio": 0.0, "val_acc": 0.9}
+    history = [{"epoch": 1, "loss": 0.1, **now, "val_acc": 0.8, "support_val_acc": 0.7}]
+    path = build_path(start, history, opt, steps_per_epoch=300)          # all 300 steps in one "epoch"
+    assert [p["epoch"] for p in path] == [0, 1] and "loss" not in path[1]
+    assert path[0]["per_group"] == {g.id: 0 for g in groups}
+    assert path[1]["per_group"] == {gid: int(m.sum()) for gid, m in support.items()}   # this path only grew
     entries = entry_epochs(opt, steps_per_epoch=100)
     assert [e is None for e in entries[groups[0].id]] == (opt.entered[groups[0].id] < 0).tolist()
-    empty = {**point, "epoch": 0.0, "support_share": 0.0, "flops_ratio": 0.0, "per_group": {}}
-    png = path_png([empty, point], {g.id: g.width for g in groups}, title="test")
+    png = path_png(path, {g.id: g.width for g in groups}, title="test")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 
 Each epoch of Split LBI adds one point: how many units are in the support of Γ, the FLOPs ratio
 of the Γ-support network (every group keeping exactly its units with Γ ≠ 0, by the FLOPs model),
-and validation accuracy of the full weights W and of that support network. A support network
+validation accuracy of the full weights W and of that support network (BN statistics re-estimated
+for each), and per group how many units had entered the support. A support network
 much smaller than the dense one that already matches its accuracy is the over-parameterisation
 the seed report (§3.3, Table 10) reads off the path.
 """
@@ -18,28 +19,32 @@ from compress.pruning.flops_model import FlopsModel
 from compress.pruning.lbi import SplitLBI, support_share
 
 
-def path_point(opt: SplitLBI, flops_model: FlopsModel | None, epoch: float, accuracy: float | None = None,
-               support_accuracy: float | None = None) -> dict[str, Any]:
-    """One point of the path (after `epoch` epochs of the iteration)."""
+def support_summary(opt: SplitLBI, flops_model: FlopsModel | None) -> dict[str, Any]:
+    """Flat figures of the support of Γ now (an entry of the loop's per-epoch history, so a resumed
+    path keeps its earlier points)."""
     support = opt.support()
-    point = {"epoch": round(epoch, 4), "step": opt.steps,
-             "support_units": sum(int(m.sum()) for m in support.values()),
-             "units": sum(int(m.numel()) for m in support.values()),
-             "support_share": round(support_share(support), 6),
-             "groups_in_support": sum(1 for m in support.values() if m.any()),
-             "per_group": {gid: int(m.sum()) for gid, m in support.items()}}
+    out = {"step": opt.steps, "support_units": sum(int(m.sum()) for m in support.values()),
+           "support_share": round(support_share(support), 6)}
     if flops_model is not None:
-        point["flops_ratio"] = round(float(flops_model.ratio_of_masks(support)), 6)
-    if accuracy is not None:
-        point["val_acc"] = round(accuracy, 5)
-    if support_accuracy is not None:
-        point["support_val_acc"] = round(support_accuracy, 5)
-    return point
+        out["support_flops_ratio"] = round(float(flops_model.ratio_of_masks(support)), 6)
+    return out
+
+
+def build_path(start: dict[str, Any], history: list[dict[str, Any]], opt: SplitLBI,
+               steps_per_epoch: int) -> list[dict[str, Any]]:
+    """The path for report.json: the starting point, then one point per epoch of the history, each with
+    the number of units of every group that had entered the support by then (from the entry steps)."""
+    keys = ("step", "support_units", "support_share", "support_flops_ratio", "val_acc", "support_val_acc")
+    points = [{"epoch": 0, **start}] + [{"epoch": h["epoch"], **{k: h[k] for k in keys if k in h}} for h in history]
+    for p in points:
+        limit = p["epoch"] * steps_per_epoch
+        p["per_group"] = {gid: int(((e > 0) & (e <= limit)).sum()) for gid, e in opt.entered.items()}
+    return points
 
 
 def entry_epochs(opt: SplitLBI, steps_per_epoch: int) -> dict[str, list[float | None]]:
     """Per group, the epoch (fractional) at which each unit first entered the support; None: never."""
-    return {gid: [round(int(s) / steps_per_epoch, 4) if s > 0 else None for s in e.tolist()]
+    return {gid: [round(int(s) / steps_per_epoch, 4) if s > 0 else None for s in e.cpu().tolist()]
             for gid, e in opt.entered.items()}
 
 
@@ -56,8 +61,9 @@ def path_png(path: list[dict[str, Any]], widths: dict[str, int], title: str = ""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     ax = axes[0]
     ax.plot(epochs, [100 * p["support_share"] for p in path], marker="o", label="units with Γ ≠ 0")
-    if all("flops_ratio" in p for p in path):
-        ax.plot(epochs, [100 * p["flops_ratio"] for p in path], marker="s", label="FLOPs of the Γ-support network")
+    if all("support_flops_ratio" in p for p in path):
+        ax.plot(epochs, [100 * p["support_flops_ratio"] for p in path], marker="s",
+                label="FLOPs of the Γ-support network")
     ax.set_ylim(-2, 102)
     ax.set_xlabel("epoch of Split LBI")
     ax.set_ylabel("% of dense")
@@ -84,7 +90,7 @@ def path_png(path: list[dict[str, Any]], widths: dict[str, int], title: str = ""
     ax.set_yticks(range(len(ids)))
     ax.set_yticklabels([f"{g} ({widths[g]})" for g in ids], fontsize=6 if len(ids) > 20 else 7)
     ax.set_xlabel("epoch of Split LBI")
-    ax.set_title("share of each group's units in the support")
+    ax.set_title("share of each group's units that entered the support")
     fig.colorbar(im, ax=ax, fraction=0.04)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -95,4 +101,4 @@ def path_png(path: list[dict[str, Any]], widths: dict[str, int], title: str = ""
     return buffer.getvalue()
 
 
-__all__ = ["entry_epochs", "path_png", "path_point"]
+__all__ = ["build_path", "entry_epochs", "path_png", "support_summary"]

@@ -101,7 +101,8 @@ class SplitLBI(torch.optim.Optimizer):
                     raise ValueError(f"Γ group {gg.id} covers {s.name}, which this optimiser does not train")
         self.steps = 0
         self.V = {gg.id: [torch.zeros_like(s.gather(s.param.detach())) for s in gg.slices] for gg in self.structure}
-        self.entered = {gg.id: torch.full((gg.width,), -1, dtype=torch.long) for gg in self.structure}
+        self.entered = {gg.id: torch.full((gg.width,), -1, dtype=torch.long, device=gg.slices[0].param.device)
+                        for gg in self.structure}   # on the device: recording an entry costs no sync
 
     # ------------------------------------------------------------------ the iteration
 
@@ -135,7 +136,7 @@ class SplitLBI(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr * self.kappa)
         self.steps += 1
         for gg in self.structure:
-            new = (self.unit_norms(gg.id) > gg.threshold).cpu() & (self.entered[gg.id] < 0)
+            new = (self.unit_norms(gg.id) > gg.threshold) & (self.entered[gg.id] < 0)
             self.entered[gg.id][new] = self.steps
         return loss
 
@@ -198,7 +199,7 @@ class SplitLBI(torch.optim.Optimizer):
         out = {}
         for gg in self.structure:
             norms = self.unit_norms(gg.id).detach().to(torch.float64).cpu() / gg.threshold
-            entered = self.entered[gg.id].to(torch.float64)
+            entered = self.entered[gg.id].cpu().to(torch.float64)
             entered[entered < 0] = self.steps + 1
             out[gg.id] = -entered + norms / (1.0 + norms)
         return out
@@ -211,7 +212,7 @@ class SplitLBI(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["lbi"] = {"steps": self.steps, "V": {k: [v.detach().clone() for v in vs] for k, vs in self.V.items()},
-                     "entered": {k: e.clone() for k, e in self.entered.items()},
+                     "entered": {k: e.detach().cpu().clone() for k, e in self.entered.items()},
                      "thresholds": {gg.id: gg.threshold for gg in self.structure}}
         return sd
 
