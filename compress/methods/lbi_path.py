@@ -65,22 +65,14 @@ def path_png(path: list[dict[str, Any]], widths: dict[str, int], title: str = ""
         ax.plot(epochs, [100 * p["support_flops_ratio"] for p in path], marker="s",
                 label="FLOPs of the Γ-support network")
     ax.set_ylim(-2, 102)
-    ax.set_xlabel("epoch of Split LBI")
-    ax.set_ylabel("% of dense")
-    ax.set_title("support of Γ along the path")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, "% of dense", "support of Γ along the path")
 
     ax = axes[1]
     for key, label, marker in (("val_acc", "full weights W", "o"), ("support_val_acc", "Γ-support network", "s")):
         pts = [(p["epoch"], 100 * p[key]) for p in path if p.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
-    ax.set_xlabel("epoch of Split LBI")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("accuracy along the path")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, "validation accuracy (%)", "accuracy along the path")
 
     ax = axes[2]
     ids = list(widths)
@@ -99,6 +91,14 @@ def path_png(path: list[dict[str, Any]], widths: dict[str, int], title: str = ""
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _label(ax, ylabel: str, title: str) -> None:
+    ax.set_xlabel("epoch of Split LBI")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 __all__ = ["build_path", "entry_epochs", "path_png", "support_summary"]
