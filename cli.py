@@ -19,20 +19,56 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def handle_errors(fn):
-    """Turn CompressError (and Ctrl-C) into one line on stderr and design.md's exit codes, never a traceback."""
+    """Turn CompressError (and Ctrl-C / SIGTERM) into one line on stderr and design.md's exit codes, never a
+    traceback; leave torchrun's process group (if any) at the end of the command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from compress.checkpoint import raise_on_sigterm
+        from compress.runtime import current, shutdown
+
+        raise_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except CompressError as exc:
-            click.echo(f"error: {exc}", err=True)
+            if current().is_main:
+                click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        finally:
+            shutdown()
 
     return wrapper
+
+
+def runtime_options(fn):
+    """--device/--precision/--channels-last/--workers/--sync-bn: where training-like work runs (compress.runtime)."""
+    options = [
+        click.option("--device", default="auto", show_default=True,
+                     help="auto | cpu | cuda | cuda:N (auto: CUDA when available; under torchrun each rank "
+                          "uses cuda:LOCAL_RANK)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Autocast precision of forward passes (fp16 with loss scaling, CUDA only)."),
+        click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on GPUs)."),
+        click.option("--workers", type=int, help="Data-loader processes per rank for image folders (in-memory "
+                     "datasets are indexed directly)  [default: usable cores ÷ ranks per node, at most 8]"),
+        click.option("--sync-bn", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _configure(kw: dict) -> None:
+    """Pop the runtime flags from a command's arguments and set up this process (joining torchrun's group)."""
+    from compress.progress import quiet
+    from compress.runtime import configure
+
+    rt = configure(device=kw.pop("device"), precision=kw.pop("precision"), channels_last=kw.pop("channels_last"),
+                   workers=kw.pop("workers"), sync_bn=kw.pop("sync_bn"))
+    quiet(not rt.is_main)
 
 
 @click.group(context_settings=CONTEXT)
@@ -57,29 +93,43 @@ def main() -> None:
 @click.option("--checkpoint", type=click.Path(), help="state_dict file to start from.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crops and flips where the dataset allows them.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings from its last "
+              "epoch checkpoint (kept beside --out).")
+@runtime_options
 @handle_errors
 def train(**kwargs) -> None:
-    """Train a dense model and write a run directory (model.json, model.pt, report.json)."""
+    """Train a dense model and write a run directory (model.json, model.pt, report.json).
+
+    Runs on one device, or on several under `torchrun --nproc_per_node N -m compress train ...` (DDP;
+    --batch-size is the global batch, split across ranks). Every epoch is checkpointed; Ctrl-C or SIGTERM
+    leaves nothing at --out and prints the command that resumes."""
     from compress.report import print_run
+    from compress.runtime import current
     from compress.training import train_run
 
+    _configure(kwargs)
     out = kwargs.pop("out")
     report = train_run(kwargs.pop("model"), kwargs.pop("data"), out, **kwargs)
-    print_run(out, report)
+    if current().is_main:
+        print_run(out, report)
 
 
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", required=True, help="Data spec (as for train).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@runtime_options
 @handle_errors
-def eval_cmd(run_dir: str, data: str, split: str) -> None:
+def eval_cmd(run_dir: str, data: str, split: str, **kw) -> None:
     """Print accuracy, FLOPs and params of a run's deployable module."""
+    from compress.runtime import current
     from compress.training import eval_run
 
+    _configure(kw)
     r = eval_run(run_dir, data, split)
-    click.echo(f"accuracy {r['accuracy']:.4f} ({r['split']}, {r['n']} images)  flops {r['flops']:,}  "
-               f"params {r['params']:,}")
+    if current().is_main:
+            click.echo(f"accuracy {r['accuracy']:.4f} ({r['split']}, {r['n']} images)  flops {r['flops']:,}  "
+                   f"params {r['params']:,}")
 
 
 def _method_flags(fn):
@@ -119,16 +169,26 @@ def _method_flags(fn):
 @click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
 @click.option("--bn-recalibration/--no-bn-recalibration", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings from its last "
+              "checkpoint (kept beside --out).")
+@runtime_options
 @_method_flags
 @click.pass_context
 @handle_errors
 def prune(ctx: click.Context, **kw) -> None:
-    """Prune channels structurally to a FLOPs ratio, slim, fine-tune, and write a run directory."""
+    """Prune channels structurally to a FLOPs ratio, slim, fine-tune, and write a run directory.
+
+    Every training-like step (the method's search, fine-tuning) runs on --device, or under torchrun on
+    several (DDP; masks are checked identical on every rank). Checkpointed per epoch: Ctrl-C or SIGTERM
+    leaves nothing at --out and prints the command that resumes."""
     from click.core import ParameterSource
 
     from compress.methods import all_options, get_method
     from compress.pipeline import prune_run
     from compress.pruning.summary import print_prune
+    from compress.runtime import current
+
+    _configure(kw)
 
     method = get_method(kw["method"])
     declared = {o.dest for o in method.options}
@@ -142,7 +202,8 @@ def prune(ctx: click.Context, **kw) -> None:
     out = kw.pop("out")
     report = prune_run(out, flops_ratio=kw.pop("flops_ratio"), method=kw.pop("method"), data=kw.pop("data"),
                        method_options=options, **kw)
-    print_prune(out, report)
+    if current().is_main:
+        print_prune(out, report)
 
 
 @main.command(context_settings=CONTEXT)
@@ -242,11 +303,18 @@ def export_cmd(run_dir: str, **kwargs) -> None:
               help="Where results.md, results.json and results.png are written.")
 @click.option("--no-latency", is_flag=True, help="Skip the ONNX Runtime latency measurement.")
 @click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
+@runtime_options
 @handle_errors
 def study(**kw) -> None:
     """Compare pruning methods: one dense parent, each method × ratio × seed pruned with the same
-    fine-tuning budget; accuracy, FLOPs, params, ONNX Runtime latency; docs/results.md + plot."""
+    fine-tuning budget; accuracy, FLOPs, params, ONNX Runtime latency; docs/results.md + plot.
+
+    An interrupted study continues where it stopped when run again (finished runs are reused, the
+    interrupted one resumes from its checkpoint)."""
+    from compress.runtime import current
     from compress.study import StudyConfig, parse_list, run_study
+
+    _configure(kw)
 
     config = StudyConfig(data=kw["data"], model=kw["model"], subset=kw["subset"], dense_epochs=kw["dense_epochs"],
                          finetune_epochs=kw["finetune_epochs"], finetune_lr=kw["finetune_lr"],
@@ -255,8 +323,10 @@ def study(**kw) -> None:
                          round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], latency=not kw["no_latency"],
                          fresh=kw["fresh"])
     results = run_study(config)
-    click.echo(f"wrote {config.docs}/results.md, results.json and results.png "
-               f"({results['runs_done']} runs done, {results['runs_reused']} reused, {results['study_wall_s']:.0f} s)")
+    if current().is_main:
+        click.echo(f"wrote {config.docs}/results.md, results.json and results.png "
+                   f"({results['runs_done']} runs done, {results['runs_reused']} reused, "
+                   f"{results['study_wall_s']:.0f} s)")
 
 
 @main.command("latency-table", context_settings=CONTEXT)

@@ -1,4 +1,4 @@
-"""Datasets by short spec (design.md `--data SPEC`), held as uint8 tensors and batched without workers.
+"""Datasets by short spec (design.md `--data SPEC`): uint8 tensors in memory, or image files read on demand.
 
 Everything is offline: a missing dataset is an error that says where we looked and how to get it.
 Splits are deterministic: where a source has no validation split, a fixed-seed stratified slice of
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,16 +39,19 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def raw(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images [n, C, H, W] (C = 1 or 3) and labels for the given indices."""
+        if self.images is not None:
+            return self.images[idx], self.labels[idx]
+        return torch.stack([read_image(self.files[i], self.image_size) for i in idx.tolist()]), self.labels[idx]
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1], 3 channels, and labels for the given indices."""
-        if self.images is not None:
-            x = self.images[idx]
-        else:
-            x = torch.stack([_read_image(self.files[i], self.image_size) for i in idx.tolist()])
+        x, y = self.raw(idx)
         x = x.float().div_(255.0)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return x.contiguous(), self.labels[idx]
+        return x.contiguous(), y
 
     def subset(self, idx: torch.Tensor) -> ImageSet:
         images = self.images[idx] if self.images is not None else None
@@ -68,33 +70,6 @@ class DataBundle:
     input_size: tuple[int, int, int]
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
-
-
-def iterate_batches(ds: ImageSet, batch_size: int, shuffle: bool = False, seed: int = 0,
-                    augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches; `augment` adds random crops (zero padding of size/8) and flips where the set allows."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ds), generator=g) if shuffle else torch.arange(len(ds))
-    for start in range(0, len(ds), batch_size):
-        x, y = ds.batch(order[start:start + batch_size])
-        if augment:
-            x = _augment(x, g, ds.flip, ds.crop)
-        yield x, y
-
-
-def _augment(x: torch.Tensor, g: torch.Generator, flip: bool, crop: bool) -> torch.Tensor:
-    n, _, h, w = x.shape
-    out = x
-    if crop:
-        pad = max(1, h // 8)
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        mask = torch.rand(n, generator=g) < 0.5
-        out[mask] = out[mask].flip(-1)
-    return out
 
 
 def load_data(spec: str, image_size: int | None = None, subset: int | None = None, seed: int = 0) -> DataBundle:
@@ -322,7 +297,7 @@ def _folder_split(d: Path, classes: list[str], size: int) -> ImageSet:
     return ImageSet(torch.tensor(labels), files=files, image_size=size, flip=True)
 
 
-def _read_image(path: Path, size: int) -> torch.Tensor:
+def read_image(path: Path, size: int) -> torch.Tensor:
     """uint8 [3, size, size]: resize the short side to `size`, then centre-crop."""
     from PIL import Image
 

@@ -39,6 +39,6 @@ class DeployableModule(nn.Module):
         return self.net(self.normalize(self.prompt(x)))
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
-        """A deterministic input of the recorded size (for tracing, FLOPs and parity checks)."""
+        """A deterministic input of the recorded size, on the module's device (tracing, FLOPs, parity checks)."""
         g = torch.Generator().manual_seed(0)
-        return torch.rand((batch_size, *self.input_size), generator=g)
+        return torch.rand((batch_size, *self.input_size), generator=g).to(self.normalize.mean.device)

@@ -19,7 +19,8 @@ def count_flops(module: nn.Module, input_size: tuple[int, ...]) -> int:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fvcore traces with the deprecated torch.jit API
-            analysis = FlopCountAnalysis(module, torch.zeros((1, *input_size)))
+            device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+            analysis = FlopCountAnalysis(module, torch.zeros((1, *input_size), device=device))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             analysis.set_op_handle(**ATTENTION_HANDLES)
             return int(analysis.total())

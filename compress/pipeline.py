@@ -2,9 +2,12 @@
 
 dense accuracy/FLOPs → channel groups → method search → masks hitting the FLOPs target (confirmed
 with real fvcore on the slimmed deployable module) → slim → BN statistics re-estimated → accuracy
-before fine-tuning → fine-tune
-(weights and prompt) → run directory with model.json "layers"/"widths", weights-only model.pt and
-report.json (design.md keys, per-stage wall times).
+before fine-tuning → fine-tune (weights and prompt) → run directory with model.json "layers"/"widths",
+weights-only model.pt and report.json (design.md keys, per-stage wall times).
+
+Every training-like step runs through the shared loop (compress/loop.py) on the configured runtime
+(device, precision, torchrun ranks); the search result and every epoch are checkpointed beside --out,
+so `resume=True` continues an interrupted run and ends with the same weights and report.
 """
 
 from __future__ import annotations
@@ -15,21 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng, snapshot
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.flops import count_flops, count_params
+from compress.loop import BN_IMAGES, Fit, evaluate, reestimate_bn, run_stage
 from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, widths
 from compress.pruning.target import SCOPES, check_ratio, select_masks, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
+from compress.runtime import current
 
 RATIO_TOLERANCE = 0.02
-BN_RECALIBRATION_IMAGES = 2048
+BN_RECALIBRATION_IMAGES = BN_IMAGES
 CALIBRATION_ROUNDS = 4
 
 
@@ -38,48 +43,65 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
               image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
               seed: int = 0, lr: float = 0.05, batch_size: int = 128, weight_decay: float = 5e-4,
               subset: int | None = None, method_options: dict[str, Any] | None = None,
-              bn_recalibration: bool = True) -> dict[str, Any]:
+              bn_recalibration: bool = True, resume: bool | str = False) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
 
-    Returns report.json's content. Bad input raises CompressError before any output is written.
+    Returns report.json's content. Bad input raises CompressError before any output is written; an
+    interruption raises `compress.checkpoint.Interrupted` with progress kept for `resume=True`.
     """
-    from compress.training import seed_everything
-
     method_cls = get_method(method)
     _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size)
     method_obj = method_cls(**(method_options or {}))
-    watch = Stopwatch()
-    seed_everything(seed)
+    settings = {"command": "prune", "data": data, "method": method, "flops_ratio": flops_ratio,
+                "source": str(source) if source is not None else None, "model": model, "checkpoint": checkpoint,
+                "weights": weights, "image_size": image_size, "scope": scope, "round_to": round_to,
+                "finetune_epochs": finetune_epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
+                "weight_decay": weight_decay, "subset": subset, "method_options": method_obj.config,
+                "bn_recalibration": bn_recalibration, "precision": current().precision,
+                "world_size": current().world_size}
+    progress = Checkpoint(out, settings, resume=resume)
+    with interruptible(progress):
+        report = _prune(out, progress, method_obj, settings)
+    progress.discard()
+    return report
 
+
+def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str, Any]:
+    from compress.training import seed_everything
+
+    rt = current()
+    watch = Stopwatch()
+    seed_everything(s["seed"])
     start = time.perf_counter()
-    module, spec, bundle = _load_source(source, model, checkpoint, weights, data, image_size, subset, seed)
+    module, spec, bundle = _load_source(s["source"], s["model"], s["checkpoint"], s["weights"], s["data"],
+                                        s["image_size"], s["subset"], s["seed"])
+    rt.place(module)
     input_size = tuple(module.input_size)
     dense = {"flops": count_flops(module, input_size), "params": count_params(module),
-             "accuracy": _evaluate(module, bundle)}
+             "accuracy": evaluate(module, bundle.val)}
     watch.lap("dense", start)
 
     start = time.perf_counter()
-    example = module.normalize(module.example_input(1))
-    groups = find_groups(module.net, example)
+    groups = find_groups(module.net, module.normalize(module.example_input(1)))
     flops_model = groups[0].graph.flops_model if groups else None
-    lowest = smallest_ratio(groups, flops_model, round_to)
-    if flops_ratio < lowest - RATIO_TOLERANCE:
-        raise CompressError(f"--flops-ratio {flops_ratio} is unreachable for {spec['model']} with --round-to "
-                            f"{round_to}: the smallest reachable is {lowest:.4f} (every group at its minimum width)")
+    lowest = smallest_ratio(groups, flops_model, s["round_to"])
+    if s["flops_ratio"] < lowest - RATIO_TOLERANCE:
+        raise CompressError(f"--flops-ratio {s['flops_ratio']} is unreachable for {spec['model']} with --round-to "
+                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
+                            "width)")
     watch.lap("groups", start)
 
-    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model, flops_ratio=flops_ratio,
-                       scope=scope, round_to=round_to, seed=seed, lr=lr, batch_size=batch_size, stopwatch=watch)
+    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,
+                       flops_ratio=s["flops_ratio"], scope=s["scope"], round_to=s["round_to"], seed=s["seed"],
+                       lr=s["lr"], batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress)
     start = time.perf_counter()
-    result = method_obj.search(ctx)
+    result = _search(method_obj, ctx, progress)
     watch.lap("search", start)
 
     start = time.perf_counter()
-    if result.prompt is not None:
-        if result.prompt_spec is None:
-            raise ValueError(f"method {method} returned a prompt without its prompt_spec")
-        module.prompt = result.prompt
-    masks, estimate = _choose_masks(module, groups, result, flops_ratio, scope, round_to, dense["flops"])
+    masks, estimate = _choose_masks(module, groups, result, s["flops_ratio"], s["scope"], s["round_to"],
+                                    dense["flops"])
+    digests = rt.assert_same("the final keep-masks", masks)
     watch.lap("target", start)
 
     start = time.perf_counter()
@@ -89,31 +111,31 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
     achieved = flops / dense["flops"]
 
     start = time.perf_counter()
-    accuracy_slimmed = _evaluate(module, bundle)
-    if bn_recalibration:
-        recalibrate_bn(module, bundle, batch_size)
-    accuracy_before = _evaluate(module, bundle) if bn_recalibration else accuracy_slimmed
+    accuracy_slimmed = evaluate(module, bundle.val)
+    if s["bn_recalibration"]:
+        reestimate_bn(module, bundle.train, s["batch_size"])
+    accuracy_before = evaluate(module, bundle.val) if s["bn_recalibration"] else accuracy_slimmed
     history = []
-    if finetune_epochs:
-        from compress.train import fit
-
-        history = fit(module, bundle, epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                      weight_decay=weight_decay, seed=seed, desc="fine-tune")
-    accuracy = _evaluate(module, bundle)
+    if s["finetune_epochs"]:
+        stage = Fit("fine-tune", s["finetune_epochs"], s["lr"], s["weight_decay"])
+        history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
+                            checkpoint=progress).history
+    accuracy = evaluate(module, bundle.val)
     watch.lap("finetune", start)
 
     new_spec = _pruned_spec(module, spec, bundle, result)
     report = {
-        "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": seed,
+        "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": s["seed"],
         "input_size": list(input_size), "accuracy": accuracy, "flops": flops, "params": count_params(module),
-        "method": method, "flops_ratio_target": flops_ratio, "flops_ratio": round(achieved, 6),
+        "method": s["method"], "flops_ratio_target": s["flops_ratio"], "flops_ratio": round(achieved, 6),
         "dense": dense, "accuracy_before_finetune": accuracy_before, "widths": new_spec["widths"],
-        "accuracy_slimmed": accuracy_slimmed, "bn_recalibration": bn_recalibration,
+        "accuracy_slimmed": accuracy_slimmed, "bn_recalibration": s["bn_recalibration"],
         "flops_ratio_estimate": round(estimate, 6),
-        "flops_ratio_note": _ratio_note(achieved, flops_ratio, round_to),
-        "scope": scope, "round_to": round_to, "finetune_epochs": finetune_epochs, "lr": lr,
-        "batch_size": batch_size, "weight_decay": weight_decay, "subset": subset,
-        "source": str(source) if source is not None else None, "method_options": method_obj.config,
+        "flops_ratio_note": _ratio_note(achieved, s["flops_ratio"], s["round_to"]),
+        "scope": s["scope"], "round_to": s["round_to"], "finetune_epochs": s["finetune_epochs"], "lr": s["lr"],
+        "batch_size": s["batch_size"], "weight_decay": s["weight_decay"], "subset": s["subset"],
+        "source": s["source"], "method_options": method_obj.config, **rt.describe(),
+        "mask_digests": digests, "resumed": progress.resumed,
         "groups": len(groups), "groups_pruned": sum(1 for g in groups if not bool(masks[g.id].all())),
         "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
         "search": result.stages, **({"method_report": ctx.report} if ctx.report else {}),
@@ -124,9 +146,37 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
 
     report["stages_s"] = watch.stages
     report["wall_time_s"] = watch.total()
-    write_run(out, module, new_spec, _jsonable(report), extras=result.extras)
+    if rt.is_main:
+        write_run(out, module, new_spec, _jsonable(report), extras=result.extras)
+    rt.barrier()
     watch.lap("write", start)
     return report
+
+
+def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult:
+    """The method's search, or — resuming past it — its recorded result (weights and prompt restored)."""
+    saved = progress.result("search")
+    if saved is not None:
+        from compress.prompt import build_prompt
+
+        if saved["prompt_spec"] is not None:
+            ctx.module.prompt = build_prompt(saved["prompt_spec"]).to(ctx.module.normalize.mean.device)
+        ctx.module.load_state_dict(saved["module"])
+        ctx.report.update(saved["method_report"])
+        set_rng(saved["rng"])
+        return SearchResult(scores=saved["scores"], masks=saved["masks"], normalize=saved["normalize"],
+                            prompt=ctx.module.prompt if saved["prompt_spec"] is not None else None,
+                            prompt_spec=saved["prompt_spec"], stages=saved["stages"], extras=saved["extras"])
+    result = method_obj.search(ctx)
+    if result.prompt is not None:
+        if result.prompt_spec is None:
+            raise ValueError(f"method {method_obj.name} returned a prompt without its prompt_spec")
+        ctx.module.prompt = result.prompt
+    progress.save_result("search", snapshot({
+        "scores": result.scores, "masks": result.masks, "normalize": result.normalize,
+        "prompt_spec": result.prompt_spec, "stages": _jsonable(result.stages), "extras": result.extras,
+        "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
+    return result
 
 
 def _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size) -> None:
@@ -171,44 +221,6 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
 
     return build_dense(model, data, image_size=image_size, subset=subset, seed=seed, weights=weights,
                        checkpoint=checkpoint)
-
-
-@torch.no_grad()
-def recalibrate_bn(module: nn.Module, bundle: DataBundle, batch_size: int = 128,
-                   images: int = BN_RECALIBRATION_IMAGES, seed: int = 0) -> None:
-    """Re-estimate BatchNorm running statistics on training images (no gradient step).
-
-    Slimming changes what every BN layer after a pruned consumer sees, so the dense running
-    statistics no longer fit; a pass over training data (cumulative average, BN layers alone in train
-    mode) restores them. This is why `accuracy_before_finetune` is far above `accuracy_slimmed`.
-    """
-    from compress.data import iterate_batches
-
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    was_training = module.training
-    module.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None          # cumulative average over the recalibration batches
-        m.train()
-    seen = 0
-    for x, _y in iterate_batches(bundle.train, batch_size, shuffle=True, seed=seed):
-        module(x)
-        seen += len(x)
-        if seen >= images:
-            break
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    module.train(was_training)
-
-
-def _evaluate(module: nn.Module, bundle: DataBundle) -> float:
-    from compress.train import evaluate
-
-    return evaluate(module, bundle.val)
 
 
 def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int) -> float:

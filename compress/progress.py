@@ -1,7 +1,7 @@
 """One console and progress-bar factory, so every long stage looks and logs the same way.
 
 On a terminal a rich progress bar updates in place; in CI logs (no TTY) each finished epoch prints
-one line instead of a stream of redraws.
+one line instead of a stream of redraws. Under torchrun only rank 0 shows anything (`quiet`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def quiet(silent: bool = True) -> None:
+    """Silence (or restore) this process's progress and messages: every rank but rank 0 is quiet."""
+    console.quiet = silent
+
+
 class EpochBar:
     """Progress over `total` steps of one epoch; `advance` updates the metrics shown beside the bar."""
 
@@ -22,9 +27,10 @@ class EpochBar:
         self.progress, self.desc = progress, desc
         self.task = progress.add_task(desc, total=total, metrics="") if progress else None
 
-    def advance(self, metrics: str) -> None:
+    def advance(self, metrics: str | None = None) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, metrics=metrics)
+            fields = {} if metrics is None else {"metrics": metrics}
+            self.progress.update(self.task, advance=1, **fields)
 
     def done(self, metrics: str) -> None:
         if self.progress is not None:
@@ -34,8 +40,8 @@ class EpochBar:
 
 
 @contextmanager
-def progress_bars() -> Iterator[Progress | None]:
-    if not console.is_terminal:
+def progress_bars(enabled: bool = True) -> Iterator[Progress | None]:
+    if not console.is_terminal or not enabled or console.quiet:
         yield None
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -106,6 +106,21 @@ def make_prompt(kind: str, image_size: int, size: int | None = None) -> nn.Modul
     raise CompressError(f"unknown prompt kind {kind!r}; use one of {', '.join(PROMPT_KINDS)}")
 
 
+def install_prompt(module: nn.Module, kind: str, size: int | None = None) -> nn.Module | None:
+    """The prompt a prompted method trains (the one installer every method uses): the module's own if it
+    already deploys one (a prompted source run keeps training it), else a fresh zero prompt of `kind`
+    put in front of its network, on the network's device. Returns it; None for kind "none"."""
+    if not isinstance(module.prompt, nn.Identity):
+        return module.prompt
+    _, h, w = module.input_size
+    if h != w:
+        raise CompressError(f"visual prompts need square inputs, the model takes {h}×{w}")
+    prompt = make_prompt(kind, h, size)
+    if prompt is not None:
+        module.prompt = prompt.to(module.normalize.mean.device)
+    return prompt
+
+
 def build_prompt(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a prompt from its model.json spec (weights come from model.pt); a pad spec older than
     PAD_SPEC_VERSION is the shrinking prompt it meant then."""

@@ -24,7 +24,8 @@ import click
 import torch
 from torch import nn
 
-from compress.data import iterate_batches, load_data
+from compress.batches import iterate_batches
+from compress.data import load_data
 from compress.files import write_atomic
 from compress.methods.base import PruneContext, get_method
 from compress.pruning.groups import find_groups

@@ -9,13 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.checkpoint import Checkpoint, interruptible
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.flops import count_flops, count_params
+from compress.loop import Fit, evaluate, run_stage
 from compress.models import create_model, default_adapt
 from compress.runs import Stopwatch, build_spec, check_out_dir, load, load_state, write_run
-from compress.train import evaluate, fit
+from compress.runtime import current
 
 
 def seed_everything(seed: int) -> None:
@@ -26,26 +28,42 @@ def seed_everything(seed: int) -> None:
 
 def train_run(model: str, data: str, out: str | Path, *, epochs: int = 30, batch_size: int = 128, lr: float = 0.1,
               weight_decay: float = 5e-4, image_size: int | None = None, seed: int = 0, subset: int | None = None,
-              weights: str | None = None, checkpoint: str | None = None, augment: bool = True) -> dict[str, Any]:
-    """Train a dense model and write its run directory; returns report.json's content."""
+              weights: str | None = None, checkpoint: str | None = None, augment: bool = True,
+              resume: bool | str = False) -> dict[str, Any]:
+    """Train a dense model and write its run directory; returns report.json's content.
+
+    Runs on the configured runtime (compress.runtime.configure: device, precision, torchrun ranks);
+    every epoch is checkpointed beside `out`, and `resume=True` continues an interrupted run."""
     if epochs < 1:
         raise CompressError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1 or lr <= 0:
         raise CompressError("--batch-size must be ≥ 1 and --lr > 0")
     check_out_dir(out)
-    watch = Stopwatch()
-    seed_everything(seed)
-    module, spec, bundle = build_dense(model, data, image_size=image_size, subset=subset, seed=seed,
-                                       weights=weights, checkpoint=checkpoint)
-    history = fit(module, bundle, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
-                  augment=augment)
-    report = {"command": "train", "model": model, "data": bundle.spec, "seed": seed,
-              "input_size": list(bundle.input_size), "accuracy": evaluate(module, bundle.val),
-              "flops": count_flops(module, bundle.input_size), "params": count_params(module),
-              "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "augment": augment,
-              "train_size": len(bundle.train), "val_size": len(bundle.val), "history": history}
-    report["wall_time_s"] = watch.total()
-    write_run(out, module, spec, report)
+    rt = current()
+    settings = {"command": "train", "model": model, "data": data, "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "weight_decay": weight_decay, "image_size": image_size, "seed": seed, "subset": subset,
+                "weights": weights, "checkpoint": checkpoint, "augment": augment, "precision": rt.precision,
+                "world_size": rt.world_size}
+    progress = Checkpoint(out, settings, resume=resume)
+    with interruptible(progress):
+        watch = Stopwatch()
+        seed_everything(seed)
+        module, spec, bundle = build_dense(model, data, image_size=image_size, subset=subset, seed=seed,
+                                           weights=weights, checkpoint=checkpoint)
+        rt.place(module)
+        stage = Fit("train", epochs, lr, weight_decay, augment=augment)
+        history = run_stage(module, bundle, stage, batch_size=batch_size, seed=seed, checkpoint=progress).history
+        report = {"command": "train", "model": model, "data": bundle.spec, "seed": seed,
+                  "input_size": list(bundle.input_size), "accuracy": evaluate(module, bundle.val),
+                  "flops": count_flops(module, bundle.input_size), "params": count_params(module),
+                  "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                  "augment": augment, "train_size": len(bundle.train), "val_size": len(bundle.val),
+                  **rt.describe(), "resumed": progress.resumed, "history": history}
+        report["wall_time_s"] = watch.total()
+        if rt.is_main:
+            write_run(out, module, spec, report)
+        rt.barrier()
+    progress.discard()
     return report
 
 
@@ -81,7 +99,7 @@ def _load_checkpoint(net: torch.nn.Module, path: str) -> None:
 
 def eval_run(run_dir: str | Path, data: str, split: str = "val") -> dict[str, Any]:
     """Accuracy, FLOPs and params of a run's deployable module on `split` of `data`."""
-    module = load(run_dir)
+    module = current().place(load(run_dir))
     c, h, w = module.input_size
     bundle = load_data(data, image_size=h)
     if bundle.num_classes != module.spec["num_classes"]:

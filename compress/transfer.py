@@ -55,7 +55,7 @@ def _run(out: Path, key: dict[str, Any], **kwargs) -> dict[str, Any]:
     """prune_run into `out`, or its existing report when it was made with the same `key`."""
     from compress.pipeline import prune_run
 
-    report, reused = reuse_or_run(out, key, lambda: prune_run(out, **kwargs), marker="transfer.json")
+    report, reused = reuse_or_run(out, key, lambda: prune_run(out, resume="auto", **kwargs), marker="transfer.json")
     return {**report, "reused": reused}
 
 

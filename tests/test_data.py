@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from compress.data import iterate_batches, load_data
+from compress.batches import iterate_batches
+from compress.data import load_data
 from compress.errors import CompressError
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from compress.data import load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
+from compress.loop import frozen
 from compress.methods.hypernet import (
     HypernetConfig,
     MaskHypernet,
@@ -23,7 +24,6 @@ from compress.methods.hypernet import (
 from compress.methods.pass_ import (
     PassOptions,
     flops_penalty,
-    frozen_backbone,
     new_hypernet,
     reuse_hypernet,
     search,
@@ -77,7 +77,7 @@ def test_gradients_reach_prompt_encoder_and_lstm(toy):
     hyper = hypernet_for(groups)
     stats = group_statistics(module.net, groups)
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    with frozen_backbone(module), Gates(module.net, groups) as gates:
+    with frozen(module, "running"), Gates(module.net, groups) as gates:
         sample = hyper(prompt_tensor(module.prompt), stats, tau=1.0, noise=True)
         gates.set(dict(zip(stats.ids, sample.masks, strict=True)))
         ratio = FlopsModel.for_groups(groups).ratio_of_fractions(sample.fractions())

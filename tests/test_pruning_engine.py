@@ -306,16 +306,13 @@ def test_registry_lists_baselines_and_their_options():
 # ------------------------------------------------------------------ pipeline helpers
 
 def test_bn_recalibration_matches_the_data_statistics():
-    from types import SimpleNamespace
-
     from compress.data import ImageSet
-    from compress.pipeline import recalibrate_bn
+    from compress.loop import reestimate_bn
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    bundle = SimpleNamespace(train=ImageSet(torch.zeros(64, dtype=torch.long), images, image_size=8))
-    recalibrate_bn(net, bundle, batch_size=16)
+    reestimate_bn(net, ImageSet(torch.zeros(64, dtype=torch.long), images, image_size=8), batch_size=16)
     feats = net[0](images.float() / 255)
     assert torch.allclose(net[1].running_mean, feats.mean((0, 2, 3)), atol=1e-4)
     assert torch.allclose(net[1].running_var, feats.var((0, 2, 3)), rtol=0.05)

@@ -12,13 +12,13 @@ import torch
 from compress.data import load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
+from compress.loop import evaluate
 from compress.methods.base import PruneContext
 from compress.methods.vpns import (
     TARGET_TOLERANCE,
     MaskSelector,
     VPNsSettings,
     first_stage_groups,
-    install_prompt,
     magnitude_scores,
     protected_units,
     removed_share,
@@ -26,9 +26,9 @@ from compress.methods.vpns import (
     straight_through,
 )
 from compress.models import create_model
+from compress.prompt import install_prompt
 from compress.pruning.groups import find_groups
 from compress.runs import Stopwatch, load
-from compress.train import evaluate
 
 
 def _setup(prompt: str = "pad", ratio: float = 0.4, scope: str = "global", round_to: int = 1, cap: float = 0.25):
@@ -37,7 +37,7 @@ def _setup(prompt: str = "pad", ratio: float = 0.4, scope: str = "global", round
     data = load_data("synthetic:120", image_size=16)
     module = DeployableModule(create_model("resnet20", 10, 16), data.mean, data.std, input_size=data.input_size)
     settings = VPNsSettings(prompt=prompt, score_epochs=1, batch_size=32, score_lr=0.2, first_stage_cap=cap)
-    install_prompt(module, settings)
+    install_prompt(module, settings.prompt, settings.prompt_size)
     groups = find_groups(module.net, module.normalize(module.example_input(1)))
     ctx = PruneContext(module=module, data=data, groups=groups, flops_model=groups[0].graph.flops_model,
                        flops_ratio=ratio, scope=scope, round_to=round_to, seed=0, lr=0.01, batch_size=32,

@@ -4,7 +4,9 @@ A method only *decides what to keep*: it gets a `PruneContext` (the dense deploy
 channel groups, FLOPs model, target) and returns a `SearchResult` — per-unit scores (the pipeline
 turns them into masks that hit the FLOPs target, confirmed with real fvcore) or final masks, plus
 optionally a visual prompt and extra files. Slimming, fine-tuning and writing the run directory are
-the common pipeline's job (compress/pipeline.py).
+the common pipeline's job (compress/pipeline.py); every training-like step a method takes runs through
+the shared loop (compress/loop.py: a `Stage` subclass and `run_stage`), so it runs on every device, under
+torchrun and resumes from checkpoints.
 
 New methods plug in without touching this package's code: put a module in compress/methods/ that
 defines a `Method` subclass decorated with `@register`; its `options` become `compress prune` flags.
@@ -63,6 +65,7 @@ class PruneContext:
     lr: float
     batch_size: int
     stopwatch: Any                # compress.runs.Stopwatch (stages are recorded in report.json)
+    checkpoint: Any = None        # compress.checkpoint.Checkpoint: pass it to run_stage so searches resume
     report: dict[str, Any] = field(default_factory=dict)   # method-specific keys for report.json
 
     def select_masks(self, scores: dict[str, torch.Tensor], flops_ratio: float | None = None,

@@ -26,7 +26,7 @@ class DepGraph(Method):
     )
 
     def search(self, ctx: PruneContext) -> SearchResult:
-        from compress.train import evaluate, fit
+        from compress.loop import Fit, evaluate, run_stage
 
         epochs = self.config["sparse_train_epochs"]
         stages = {}
@@ -35,8 +35,8 @@ class DepGraph(Method):
         if epochs:
             start = time.perf_counter()
             reg = group_lasso(ctx.groups, alpha=self.config["sparse_alpha"], reg=self.config["sparse_reg"])
-            history = fit(ctx.module, ctx.data, epochs=epochs, lr=ctx.lr, batch_size=ctx.batch_size, seed=ctx.seed,
-                          extra_loss=reg, desc="sparse train")
+            record = run_stage(ctx.module, ctx.data, Fit("sparse train", epochs, ctx.lr, extra_loss=reg),
+                               batch_size=ctx.batch_size, seed=ctx.seed, checkpoint=ctx.checkpoint)
             stages["sparse_train"] = {"wall_s": ctx.stopwatch.lap("sparse_train", start), "epochs": epochs,
-                                      "val_acc": evaluate(ctx.module, ctx.data.val), "history": history}
+                                      "val_acc": evaluate(ctx.module, ctx.data.val), "history": record.history}
         return SearchResult(scores=group_l2_scores(ctx.groups), stages=stages)

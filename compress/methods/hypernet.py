@@ -122,7 +122,7 @@ def _unit_norms(net: nn.Module, g: ChannelGroup) -> dict[str, torch.Tensor]:
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
-        weight = weight.detach().to(torch.float64)
+        weight = weight.detach().to(device="cpu", dtype=torch.float64)
         if m.layer == "norm":
             acc["gamma"].index_add_(0, m.unit, weight[m.idx].abs())
             acc["n_gamma"].index_add_(0, m.unit, torch.ones(len(m.idx), dtype=torch.float64))

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from compress.data import DataBundle, iterate_batches
+from compress.checkpoint import Checkpoint
+from compress.data import DataBundle
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
+from compress.loop import Optim, Stage, StepOut, evaluate, run_stage
 from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, register
 from compress.methods.base import SearchResult as MethodResult
 from compress.methods.hypernet import (
@@ -35,12 +36,10 @@ from compress.methods.hypernet import (
     group_statistics,
     prompt_tensor,
 )
-from compress.progress import EpochBar, progress_bars
-from compress.prompt import make_prompt, prompt_spec
+from compress.prompt import install_prompt, prompt_spec
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
-from compress.train import evaluate
 
 HYPERNET_FILE = "hypernet.pt"
 SEARCH_BN = ("batch", "running")
@@ -115,36 +114,6 @@ def flops_penalty(ratio: torch.Tensor, target: float) -> torch.Tensor:
     return (ratio.clamp_min(1e-6).log() - math.log(target)).abs()
 
 
-@contextmanager
-def frozen_backbone(module: DeployableModule, bn: str = "running") -> Iterator[None]:
-    """Backbone weights get no gradient and leave the search bit for bit unchanged; the prompt trains.
-
-    bn="running": BN layers run in eval mode with the dense running statistics. bn="batch": BN
-    normalises with the statistics of each (gated) batch, as the network will after fine-tuning
-    recalibrates it, and every buffer is restored on exit. The prompt stays in training mode: its
-    clamp passes gradients at the [0, 1] bounds only then."""
-    if bn not in SEARCH_BN:
-        raise CompressError(f"--hypernet-bn must be one of {', '.join(SEARCH_BN)}, got {bn!r}")
-    net = module.net
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    buffers = {k: v.clone() for k, v in net.named_buffers()}
-    was_training = module.training
-    for p, _ in flags:
-        p.requires_grad_(False)
-    module.train()
-    if bn == "running":
-        net.eval()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in net.named_buffers():
-                v.copy_(buffers[k])
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        module.train(was_training)
-
-
 def new_hypernet(groups: list[ChannelGroup], use_prompt: bool, target: float, opts: PassOptions,
                  backbone: str | None = None) -> MaskHypernet:
     """A fresh hypernetwork whose initial masks keep about √target of each group (FLOPs ≈ target)."""
@@ -188,8 +157,58 @@ def load_hypernet(run_dir: str | Path, groups: list[ChannelGroup], use_prompt: b
     return hyper
 
 
+class HypernetSearch(Stage):
+    """Prompt + encoder + LSTM hypernetwork trained with Adam on the frozen, gated backbone: task loss of the
+    network under the sampled (Gumbel-sigmoid, straight-through) masks + λ·FLOPs penalty."""
+
+    name = "pass search"
+    evaluate = False
+
+    def __init__(self, hyper: MaskHypernet, stats: GroupStats, groups: list[ChannelGroup], prompt: nn.Module | None,
+                 target: float, opts: PassOptions, seed: int):
+        self.hyper, self.stats, self.groups, self.prompt, self.target, self.opts = hyper, stats, groups, prompt, \
+            target, opts
+        self.epochs, self.freeze = opts.search_epochs, opts.search_bn
+        self.flops = FlopsModel.for_groups(groups)
+        self.noise = torch.Generator().manual_seed(seed)
+        self.tau = opts.temp_start
+        self.gates: Gates | None = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.hyper]
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.noise]
+
+    def optimizers(self, module: DeployableModule) -> list[Optim]:
+        o = self.opts
+        groups = [{"params": list(self.hyper.parameters()), "lr": o.hypernet_lr}]
+        if self.prompt is not None and o.prompt_lr > 0:
+            groups.append({"params": list(self.prompt.parameters()), "lr": o.prompt_lr})
+        return [Optim(groups, "adam", o.hypernet_lr, weight_decay=o.weight_decay, schedule="constant",
+                      clip=o.grad_clip if o.grad_clip > 0 else None)]
+
+    def context(self, module: DeployableModule) -> Gates:
+        self.gates = Gates(module.net, self.groups)
+        return self.gates
+
+    def forward(self, module, x, y, step) -> StepOut:
+        o = self.opts
+        self.tau = temperature(step.step, step.total, o.temp_start, o.temp_end)
+        sample = self.hyper(prompt_tensor(self.prompt), self.stats, tau=self.tau, noise=True, generator=self.noise)
+        self.gates.set(dict(zip(self.stats.ids, sample.masks, strict=True)))
+        logits = module(x)
+        task = F.cross_entropy(logits, y)
+        ratio = self.flops.ratio_of_fractions(sample.fractions()).to(task.device)
+        loss = task + o.lam * flops_penalty(ratio, self.target)
+        return StepOut(loss, logits, {"task_loss": task.detach(), "flops_ratio": ratio.detach()})
+
+    def end_epoch(self, module: DeployableModule, epoch: int) -> dict:
+        return {"temperature": round(self.tau, 4)}
+
+
 def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup], target: float,
-           opts: PassOptions, seed: int = 0) -> SearchResult:
+           opts: PassOptions, seed: int = 0, checkpoint: Checkpoint | None = None) -> SearchResult:
     """Train prompt + encoder + hypernetwork on the frozen, gated backbone; return the channel scores.
 
     `module.prompt` (an `nn.Identity` for `--prompt none`) is trained in place; `module.net` is unchanged.
@@ -205,71 +224,14 @@ def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup
         reuse = reuse_hypernet(hyper, backbone)
     else:
         hyper = new_hypernet(groups, use_prompt, target, opts, backbone)
-    flops = FlopsModel.for_groups(groups)
-    param_groups = [{"params": list(hyper.parameters()), "lr": opts.hypernet_lr}]
-    if prompt is not None and opts.prompt_lr > 0:
-        param_groups.append({"params": list(prompt.parameters()), "lr": opts.prompt_lr})
-    opt = torch.optim.Adam(param_groups, weight_decay=opts.weight_decay)
-    trained = [p for g in param_groups for p in g["params"]]
-    steps_per_epoch = math.ceil(len(data.train) / opts.batch_size)
-    total = opts.search_epochs * steps_per_epoch
-    noise = torch.Generator().manual_seed(seed)
-    criterion = nn.CrossEntropyLoss()
-    history, times = [], []
-    step = 0
-    hyper.train()
-    with frozen_backbone(module, opts.search_bn), Gates(module.net, groups) as gates, progress_bars() as progress:
-        for epoch in range(opts.search_epochs):
-            t0 = time.perf_counter()
-            bar = EpochBar(progress, f"pass search {epoch + 1}/{opts.search_epochs}", steps_per_epoch)
-            sums = {"loss": 0.0, "task": 0.0, "ratio": 0.0, "correct": 0.0}
-            seen = batches = 0
-            for x, y in iterate_batches(data.train, opts.batch_size, shuffle=True, seed=seed * 1000 + epoch,
-                                        augment=True):
-                tau = temperature(step, total, opts.temp_start, opts.temp_end)
-                sample = hyper(prompt_tensor(prompt), stats, tau=tau, noise=True, generator=noise)
-                gates.set(dict(zip(stats.ids, sample.masks, strict=True)))
-                logits = module(x)
-                task = criterion(logits, y)
-                ratio = flops.ratio_of_fractions(sample.fractions())
-                loss = task + opts.lam * flops_penalty(ratio, target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if opts.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trained, opts.grad_clip)
-                opt.step()
-                step += 1
-                batches += 1
-                seen += len(y)
-                sums["loss"] += loss.item()
-                sums["task"] += task.item()
-                sums["ratio"] += ratio.item()
-                sums["correct"] += float((logits.argmax(1) == y).sum())
-                bar.advance(f"task {sums['task'] / batches:.3f}  flops {sums['ratio'] / batches:.3f}  τ {tau:.2f}")
-            times.append(time.perf_counter() - t0)
-            record = {"epoch": epoch + 1, "loss": round(sums["loss"] / batches, 5),
-                      "task_loss": round(sums["task"] / batches, 5), "flops_ratio": round(sums["ratio"] / batches, 5),
-                      "train_acc": round(sums["correct"] / max(1, seen), 5), "temperature": round(tau, 4),
-                      "time_s": round(times[-1], 3)}
-            history.append(record)
-            bar.done(f"task {record['task_loss']:.4f}  flops {record['flops_ratio']:.3f}  "
-                     f"acc {record['train_acc']:.4f}  {record['time_s']:.1f}s")
+    stage = HypernetSearch(hyper, stats, groups, prompt, target, opts, seed)
+    record = run_stage(module, data, stage, batch_size=opts.batch_size, seed=seed, checkpoint=checkpoint)
     hyper.eval()
     scores = hyper.scores(prompt_tensor(prompt), stats)
-    return SearchResult(hyper, stats, scores, history, times, opts.hypernet_from, reuse)
+    return SearchResult(hyper, stats, scores, record.history, record.epoch_times, opts.hypernet_from, reuse)
 
 
 # ---------------------------------------------------------------- the method
-
-
-def ensure_prompt(module: DeployableModule, kind: str, size: int | None) -> nn.Module | None:
-    """The prompt PASS trains: the module's own (a source run that has one), a new one of `kind`, or None."""
-    if prompt_tensor(module.prompt) is not None:
-        return module.prompt
-    prompt = make_prompt(kind, module.input_size[1], size)
-    if prompt is not None:
-        module.prompt = prompt
-    return prompt
 
 
 @register
@@ -306,9 +268,10 @@ class Pass(Method):
         opts.check()
         if opts.hypernet_from and not Path(opts.hypernet_from).is_dir():
             raise CompressError(f"--hypernet-from {opts.hypernet_from} is not a directory")
-        prompt = ensure_prompt(ctx.module, self.config["prompt"], self.config["prompt_size"])
+        prompt = install_prompt(ctx.module, self.config["prompt"], self.config["prompt_size"])
         start = time.perf_counter()
-        found = search(ctx.module, ctx.data, ctx.groups, ctx.flops_ratio, opts, seed=ctx.seed)
+        found = search(ctx.module, ctx.data, ctx.groups, ctx.flops_ratio, opts, seed=ctx.seed,
+                       checkpoint=ctx.checkpoint)
         wall = ctx.stopwatch.lap("hypernet_search", start)
         masks = ctx.select_masks(found.scores, normalize=False)
         with ctx.gates() as gates:

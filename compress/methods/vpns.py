@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from compress.data import DataBundle, iterate_batches
+from compress.checkpoint import Checkpoint
+from compress.data import DataBundle
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
+from compress.loop import Optim, Stage, StageRecord, StepOut, evaluate, reestimate_bn, run_stage
 from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, SearchResult, register
 from compress.methods.fit_target import fit_to_target
-from compress.pipeline import recalibrate_bn
-from compress.progress import EpochBar, progress_bars
-from compress.prompt import PROMPT_KINDS, make_prompt, prompt_spec
+from compress.prompt import PROMPT_KINDS, install_prompt, prompt_spec
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
 from compress.pruning.importance import group_sq_norms
-from compress.train import evaluate
 
 # Added to the scores of units a cap protects: they rank above every other unit, so the targeting
 # removes them only if the FLOPs target cannot be met otherwise.
@@ -102,14 +101,14 @@ class VPNs(Method):
                                 batch_size=ctx.batch_size)
         settings.check()
         module: DeployableModule = ctx.module
-        prompt = install_prompt(module, settings)
+        prompt = install_prompt(module, settings.prompt, settings.prompt_size)
         stages: dict[str, dict] = {}
 
         start = time.perf_counter()
         if settings.warmup_epochs:
-            warm = train_weights_and_prompt(module, ctx.data, epochs=settings.warmup_epochs, lr=settings.warmup_lr,
-                                            weight_decay=1e-4, prompt_lr=settings.vpns_prompt_lr,
-                                            batch_size=settings.batch_size, seed=ctx.seed, desc="vpns warm-up")
+            warm = run_stage(module, ctx.data, Warmup(settings), batch_size=settings.batch_size, seed=ctx.seed,
+                             checkpoint=ctx.checkpoint)
+            warm.accuracy = evaluate(module, ctx.data.val)
             stages["warmup"] = {**warm.as_dict(), "wall_s": ctx.stopwatch.lap("warmup", start)}
 
         start = time.perf_counter()
@@ -118,7 +117,7 @@ class VPNs(Method):
         protected = protected_units(ctx.groups, scores, capped, settings.first_stage_cap)
         selector = MaskSelector(ctx, protected)
         found = search_masks(module, ctx.groups, ctx.data, selector=selector, scores=scores, settings=settings,
-                             seed=ctx.seed)
+                             seed=ctx.seed, checkpoint=ctx.checkpoint)
         stages["mask_search"] = {**found.as_dict(), "wall_s": ctx.stopwatch.lap("mask_search", start)}
 
         final = selector(scores)
@@ -131,24 +130,6 @@ class VPNs(Method):
                      "flops_ratio_estimate_search": round(selector.ratio(final), 6)}})
         return SearchResult(masks=final, prompt=prompt,
                             prompt_spec=prompt_spec(prompt) if prompt is not None else None, stages=stages)
-
-
-# ---------------------------------------------------------------- prompt
-
-
-def install_prompt(module: DeployableModule, settings: VPNsSettings) -> nn.Module | None:
-    """Put a fresh (zero) prompt of the requested kind in front of the network; returns it (None for none).
-
-    A source run that already deploys a prompt keeps it and trains it further."""
-    if not isinstance(module.prompt, nn.Identity):
-        return module.prompt
-    _, h, w = module.input_size
-    if h != w:
-        raise CompressError(f"visual prompts need square inputs, the model takes {h}×{w}")
-    prompt = make_prompt(settings.prompt, h, settings.prompt_size)
-    if prompt is not None:
-        module.prompt = prompt
-    return prompt
 
 
 # ---------------------------------------------------------------- scores and masks
@@ -224,8 +205,8 @@ class MaskSelector:
 
     def ranked(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Scores as the targeting ranks them (protected units lifted above all others)."""
-        return {gid: s.detach().float() + PROTECT * self.protected[gid] if gid in self.protected
-                else s.detach().float() for gid, s in scores.items()}
+        return {gid: s.detach().float().cpu() + PROTECT * self.protected[gid] if gid in self.protected
+                else s.detach().float().cpu() for gid, s in scores.items()}
 
     def __call__(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ranked = self.ranked(scores)
@@ -239,176 +220,101 @@ class MaskSelector:
 
 def straight_through(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Gates equal to the hard masks in the forward pass, with d(gate)/d(score) = 1 (edge-popup STE)."""
-    return {gid: masks[gid].to(s.dtype) + (s - s.detach()) for gid, s in scores.items()}
-
-
-# ---------------------------------------------------------------- freezing
-
-
-@contextmanager
-def frozen_network(module: DeployableModule, bn: str = "batch") -> Iterator[Callable[[], None]]:
-    """Freeze the network's weights and BN statistics for the mask search; the prompt stays trainable.
-
-    bn="batch": BN normalises with the batch statistics of the masked network, and every buffer is
-    restored bitwise on exit, so running statistics and counters end unchanged. bn="running": BN runs
-    in eval mode on the dense statistics. Yields a function that (re-)enters search mode, to call
-    before each step (an evaluation in between switches every layer to eval and back).
-    """
-    net = module.net
-    flags = {p: p.requires_grad for p in net.parameters()}
-    saved = {name: buf.clone() for name, buf in net.named_buffers()}
-    for p in net.parameters():
-        p.requires_grad_(False)
-
-    def search_mode() -> None:
-        module.train()
-        if bn == "running":
-            for m in net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-
-    try:
-        yield search_mode
-    finally:
-        with torch.no_grad():
-            for name, buf in net.named_buffers():
-                buf.copy_(saved[name])
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        module.eval()
+    return {gid: masks[gid].to(s) + (s - s.detach()) for gid, s in scores.items()}
 
 
 # ---------------------------------------------------------------- stages
 
 
-@dataclass
-class StageRecord:
-    """What report.json records of one stage."""
+class Warmup(Stage):
+    """Dense weights (SGD, Nesterov, cosine) and prompt (Adam, cosine) trained together before the search."""
 
-    epochs: int
-    epoch_time_s: float | None
-    accuracy: float | None
-    history: list[dict]
+    name = "vpns warm-up"
+    evaluate = False
 
-    def as_dict(self) -> dict:
-        return {"epochs": self.epochs, "epoch_s": None if self.epoch_time_s is None else round(self.epoch_time_s, 3),
-                "val_acc": self.accuracy, "history": self.history}
+    def __init__(self, settings: VPNsSettings):
+        self.settings, self.epochs = settings, settings.warmup_epochs
 
-
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, str]]
-
-
-def run_epochs(data: DataBundle, epochs: int, batch_size: int, seed: int, desc: str, step: Step,
-               on_epoch: Callable[[], dict] | None = None) -> tuple[list[dict], list[float]]:
-    """The loop both stages share: augmented shuffled batches and a progress bar per epoch.
-    `step(x, y)` trains on one batch and returns (loss, logits, extra progress text).
-    Returns per-epoch records and per-epoch training times (evaluation excluded)."""
-    steps = math.ceil(len(data.train) / batch_size)
-    history, times = [], []
-    with progress_bars() as progress:
-        for epoch in range(epochs):
-            started = time.perf_counter()
-            bar = EpochBar(progress, f"{desc} {epoch + 1}/{epochs}", steps)
-            seen = correct = 0
-            loss_sum = 0.0
-            for x, y in iterate_batches(data.train, batch_size, shuffle=True, seed=seed * 1000 + epoch, augment=True):
-                loss, logits, extra = step(x, y)
-                seen += len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                loss_sum += float(loss) * len(y)
-                bar.advance(f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}{extra}")
-            times.append(time.perf_counter() - started)
-            record = {"epoch": epoch + 1, "loss": round(loss_sum / max(1, seen), 5),
-                      "train_acc": round(correct / max(1, seen), 5)}
-            if on_epoch is not None:
-                record.update(on_epoch())
-            history.append(record)
-            bar.done("  ".join(f"{k} {v}" for k, v in record.items() if k != "epoch"))
-    return history, times
+    def optimizers(self, module: DeployableModule) -> list[Optim]:
+        weights = [p for p in module.net.parameters() if p.requires_grad]
+        opts = [Optim(weights, "sgd", self.settings.warmup_lr, weight_decay=1e-4)]
+        if list(module.prompt.parameters()):
+            opts.append(Optim(list(module.prompt.parameters()), "adam", self.settings.vpns_prompt_lr))
+        return opts
 
 
-def cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+class Scores(nn.Module):
+    """One trainable score per unit of every group (a module, so the loop can place, sync and save it)."""
+
+    def __init__(self, scores: dict[str, torch.Tensor]):
+        super().__init__()
+        self.ids = list(scores)
+        self.values = nn.ParameterList(nn.Parameter(s.detach().clone().float()) for s in scores.values())
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.ids, self.values, strict=True))
 
 
-def train_weights_and_prompt(module: DeployableModule, data: DataBundle, *, epochs: int, lr: float,
-                             weight_decay: float, prompt_lr: float, batch_size: int, seed: int,
-                             desc: str) -> StageRecord:
-    """The warm-up: weights with SGD (momentum 0.9, Nesterov), prompt with Adam, both cosine to zero."""
-    weights = [p for p in module.net.parameters() if p.requires_grad]
-    opts = [torch.optim.SGD(weights, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)]
-    if list(module.prompt.parameters()):
-        opts.append(torch.optim.Adam(module.prompt.parameters(), lr=prompt_lr))
-    total = epochs * math.ceil(len(data.train) / batch_size)
-    scheds = [cosine(o, total) for o in opts]
-    criterion = nn.CrossEntropyLoss()
+class MaskSearch(Stage):
+    """Unit scores (Adam, clipped) and prompt (Adam) trained on the frozen network gated by the hard masks
+    of every step's FLOPs-targeted global threshold, straight-through to the scores."""
 
-    def step(x, y):
-        module.train()
+    name = "vpns mask search"
+    augment = True
+    evaluate = False
+
+    def __init__(self, groups: list[ChannelGroup], data: DataBundle, scores: dict[str, torch.Tensor],
+                 selector: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], settings: VPNsSettings,
+                 check_step: Callable[[dict[str, torch.Tensor]], None] | None = None):
+        self.groups, self.data, self.selector, self.settings = groups, data, selector, settings
+        self.epochs, self.freeze, self.check_step = settings.score_epochs, settings.search_bn, check_step
+        self.scores = Scores(scores)
+        self.gates: Gates | None = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.scores]
+
+    def optimizers(self, module: DeployableModule) -> list[Optim]:
+        s = self.settings
+        opts = [Optim(list(self.scores.values), "adam", s.score_lr, weight_decay=s.score_decay, clip=s.score_clip)]
+        if list(module.prompt.parameters()):
+            opts.append(Optim(list(module.prompt.parameters()), "adam", s.vpns_prompt_lr))
+        return opts
+
+    def context(self, module: DeployableModule) -> Gates:
+        self.gates = Gates(module.net, self.groups)
+        return self.gates
+
+    def forward(self, module, x, y, step) -> StepOut:
+        params = self.scores.as_dict()
+        masks = self.selector(params)
+        if self.check_step is not None:
+            self.check_step(masks)
+        self.gates.set(straight_through(params, masks))
         logits = module(x)
-        loss = criterion(logits, y)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o, s in zip(opts, scheds, strict=True):
-            o.step()
-            s.step()
-        return loss.detach(), logits.detach(), ""
+        return StepOut(F.cross_entropy(logits, y), logits)
 
-    history, times = run_epochs(data, epochs, batch_size, seed, desc, step)
-    module.eval()
-    return StageRecord(epochs, _mean(times), evaluate(module, data.val), history)
+    def end_epoch(self, module: DeployableModule, epoch: int) -> dict:
+        self.gates.set_masks(self.selector(self.scores.as_dict()))
+        if self.settings.search_bn == "batch":   # evaluate the masked network on its own BN statistics
+            bs = self.settings.batch_size
+            reestimate_bn(module, self.data.train, bs, images=10 * bs, seed=12345)
+        return {"val_acc_masked": round(evaluate(module, self.data.val), 5)}
 
 
 def search_masks(module: DeployableModule, groups: list[ChannelGroup], data: DataBundle, *,
                  selector: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                  scores: dict[str, torch.Tensor], settings: VPNsSettings, seed: int,
-                 check_step: Callable[[dict[str, torch.Tensor]], None] | None = None) -> StageRecord:
+                 check_step: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                 checkpoint: Checkpoint | None = None) -> StageRecord:
     """Train unit scores (and the prompt) with the network frozen; updates `scores` in place.
 
     Every step draws hard masks from the current scores (`selector`: one threshold meeting the FLOPs
     target) and gates the network with them, straight-through. `check_step(masks)` sees each step's masks.
     """
-    params = {gid: nn.Parameter(s.detach().clone().float()) for gid, s in scores.items()}
-    opts = [torch.optim.Adam(params.values(), lr=settings.score_lr, weight_decay=settings.score_decay)]
-    if list(module.prompt.parameters()):
-        opts.append(torch.optim.Adam(module.prompt.parameters(), lr=settings.vpns_prompt_lr))
-    total = settings.score_epochs * math.ceil(len(data.train) / settings.batch_size)
-    scheds = [cosine(o, total) for o in opts]
-    criterion = nn.CrossEntropyLoss()
-
-    with frozen_network(module, settings.search_bn) as search_mode, Gates(module.net, groups) as gates:
-        def step(x, y):
-            search_mode()
-            masks = selector(params)
-            if check_step is not None:
-                check_step(masks)
-            gates.set(straight_through(params, masks))
-            logits = module(x)
-            loss = criterion(logits, y)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), settings.score_clip)
-            for o, s in zip(opts, scheds, strict=True):
-                o.step()
-                s.step()
-            return loss.detach(), logits.detach(), ""
-
-        def on_epoch() -> dict:
-            gates.set_masks(selector(params))
-            if settings.search_bn == "batch":   # evaluate the masked network on its own BN statistics
-                recalibrate_bn(module, data, settings.batch_size, images=10 * settings.batch_size, seed=12345)
-            return {"val_acc_masked": round(evaluate(module, data.val), 5)}
-
-        history, times = run_epochs(data, settings.score_epochs, settings.batch_size, seed, "vpns mask search",
-                                    step, on_epoch)
-    for gid, p in params.items():
+    stage = MaskSearch(groups, data, scores, selector, settings, check_step)
+    record = run_stage(module, data, stage, batch_size=settings.batch_size, seed=seed, checkpoint=checkpoint)
+    for gid, p in stage.scores.as_dict().items():
         scores[gid] = p.detach().clone()
-    accuracy = history[-1]["val_acc_masked"] if history else None
-    return StageRecord(settings.score_epochs, _mean(times), accuracy, history)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    record.accuracy = record.history[-1]["val_acc_masked"] if record.history else None
+    return record

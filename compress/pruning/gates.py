@@ -76,12 +76,12 @@ class Gates:
             x = args[0]
             if single:
                 slot, _idx, unit = site.parts_on(x.device)[0]
-                scale = self.values[slot].to(x.dtype)[unit]
+                scale = self.values[slot].to(device=x.device, dtype=x.dtype)[unit]
             else:
                 scale = torch.ones(site.size, dtype=x.dtype, device=x.device)
                 for slot, idx, unit in site.parts_on(x.device):
                     if self.values[slot] is not None:
-                        scale = scale.index_put((idx,), self.values[slot].to(x.dtype)[unit])
+                        scale = scale.index_put((idx,), self.values[slot].to(device=x.device, dtype=x.dtype)[unit])
             if site.channel_dim == 1:
                 scale = scale.view(1, -1, *([1] * (x.dim() - 2)))
             return (x * scale, *args[1:])
