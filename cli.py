@@ -61,6 +61,10 @@ def runtime_options(fn):
     return fn
 
 
+resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings "
+                             "from its last epoch checkpoint (kept in .OUT.partial beside --out).")
+
+
 def _configure(kw: dict) -> None:
     """Pop the runtime flags from a command's arguments and set up this process (joining torchrun's group)."""
     from compress.progress import quiet
@@ -93,8 +97,7 @@ def main() -> None:
 @click.option("--checkpoint", type=click.Path(), help="state_dict file to start from.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crops and flips where the dataset allows them.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings from its last "
-              "epoch checkpoint (kept beside --out).")
+@resume_option
 @runtime_options
 @handle_errors
 def train(**kwargs) -> None:
@@ -169,8 +172,7 @@ def _method_flags(fn):
 @click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
 @click.option("--bn-recalibration/--no-bn-recalibration", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings from its last "
-              "checkpoint (kept beside --out).")
+@resume_option
 @runtime_options
 @_method_flags
 @click.pass_context
