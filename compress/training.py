@@ -15,7 +15,7 @@ from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.flops import count_flops, count_params
 from compress.loop import Fit, evaluate, run_stage
-from compress.models import create_model, default_adapt
+from compress.models import create_model, default_adapt, weights_normalization
 from compress.runs import Stopwatch, build_spec, check_out_dir, load, load_state, write_run
 from compress.runtime import current
 
@@ -80,9 +80,11 @@ def build_dense(model: str, data: str, *, image_size: int | None = None, subset:
     net = create_model(model, bundle.num_classes, size, adapt=adapt, weights=weights)
     if checkpoint:
         _load_checkpoint(net, checkpoint)
-    spec = build_spec(model, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, adapt=adapt,
-                      data=bundle.spec, classes=bundle.classes)
-    return DeployableModule(net, bundle.mean, bundle.std, input_size=bundle.input_size), spec, bundle
+    # Pretrained weights keep the input statistics they were trained with (Lite0: [-1, 1]).
+    mean, std = weights_normalization(model, weights) or (bundle.mean, bundle.std)
+    spec = build_spec(model, bundle.num_classes, bundle.input_size, mean, std, adapt=adapt, data=bundle.spec,
+                      classes=bundle.classes)
+    return DeployableModule(net, mean, std, input_size=bundle.input_size), spec, bundle
 
 
 def _load_checkpoint(net: torch.nn.Module, path: str) -> None:

@@ -84,12 +84,19 @@ def test_tf_same_padding_matches_the_package_at_other_sizes(size):
 
 
 @needs_weights
-def test_imagenet_weights_get_a_new_head_for_the_downstream_classes():
-    net = create_model("efficientnet_lite0", 10, 64, weights="imagenet")
+def test_imagenet_weights_get_a_new_head_and_their_own_input_scaling():
+    from compress.training import build_dense
+
+    module, spec, _ = build_dense("efficientnet_lite0", "synthetic:20", image_size=32, weights="imagenet")
     ref = create_model("efficientnet_lite0", 1000, 64, weights="imagenet")
+    net = module.net
     assert net.classifier.out_features == 10
     assert torch.equal(net.stem.conv.weight, ref.stem.conv.weight)
     assert torch.equal(net.blocks[15].project.bn.running_var, ref.blocks[15].project.bn.running_var)
+    assert spec["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}          # pixels in [0, 1] → [-1, 1]
+    assert torch.equal(module.normalize(torch.zeros(1, 3, 2, 2)), -torch.ones(1, 3, 2, 2))
+    _, plain, _ = build_dense("efficientnet_lite0", "synthetic:20", image_size=32)
+    assert plain["normalization"] != spec["normalization"]                      # no weights: the data's own
 
 
 def test_missing_weights_package_is_a_one_line_error(monkeypatch):

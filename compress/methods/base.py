@@ -43,8 +43,9 @@ class MethodOption:
 # The visual-prompt flags of every prompted method (vpns, pass): one declaration, so one meaning.
 PROMPT_OPTIONS = (
     MethodOption("--prompt", PROMPT_KINDS, "pad", "visual prompt kind, trained with the search and deployed "
-                 "(pad: learnable frame around the resized image; none: the same search without a prompt, "
-                 "and for pass a hypernetwork that starts from a zero state)"),
+                 "(pad: learnable frame added over the image's border at full resolution, the VPNs reference; "
+                 "resize-pad: image shrunk to make room for the frame; additive: full-frame delta; none: the same "
+                 "search without a prompt, and for pass a hypernetwork that starts from a zero state)"),
     MethodOption("--prompt-size", int, None, "pad prompt frame width in px  [default: 16 px at 224 px, scaled]"),
 )
 

@@ -18,7 +18,7 @@ from compress.models.cifar import CIFAR_RESNETS, CifarResNet
 from compress.models.torchvision_ import SMALL_INPUT_PX, TorchvisionFamily
 
 __all__ = ["CIFAR_RESNETS", "FAMILIES", "SMALL_INPUT_PX", "CifarResNet", "Family", "create_model", "default_adapt",
-           "list_models"]
+           "list_models", "weights_normalization"]
 
 
 class Family(Protocol):
@@ -54,6 +54,14 @@ def list_models() -> list[str]:
 def default_adapt(name: str, image_size: int) -> str | None:
     """The small-input adaptation a model gets at `image_size` px (None: used as published)."""
     return _family(name).default_adapt(name, image_size)
+
+
+def weights_normalization(name: str, weights: str | None) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of the inputs pretrained `weights` of `name` were trained on, if its family says; None: normalise
+    with the dataset's own statistics (no weights, or a family that does not know)."""
+    family = _family(name)
+    known = getattr(family, "normalization", None)
+    return known(name, weights) if weights and known is not None else None
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, adapt: str | None | bool = True,

@@ -28,6 +28,10 @@ class TorchvisionFamily:
             return "cifar-stem"
         return None
 
+    def normalization(self, name: str, weights: str | None) -> tuple[list[float], list[float]] | None:
+        """torchvision's ImageNet weights expect ImageNet's channel statistics."""
+        return ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if weights else None
+
     def create(self, name: str, num_classes: int, image_size: int, adapt: str | None, weights: str | None) -> nn.Module:
         from torchvision import models as tvm
 
