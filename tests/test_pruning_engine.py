@@ -23,12 +23,14 @@ from compress.pruning import (
     find_groups,
     group_l2_scores,
     group_lasso,
+    group_sq_norms,
     l1_scores,
     layer_spec,
     random_scores,
     select_masks,
     slim,
     smallest_ratio,
+    units_removed,
     widths,
 )
 
@@ -236,14 +238,48 @@ def test_l1_scores_are_filter_norms(resnet20):
     assert torch.allclose(l1_scores(groups)[g.id], net.layer2[0].conv1.weight.abs().sum((1, 2, 3)))
 
 
-def test_group_l2_sums_every_coupled_weight(resnet20):
+def test_group_l2_averages_every_coupled_weight(resnet20):
     net, groups = resnet20
     g = next(g for g in groups if g.id == "layer2.0.conv1")    # conv1 out → bn1 → conv2 in
     blk = net.layer2[0]
     manual = (blk.conv1.weight.pow(2).sum((1, 2, 3)) + blk.bn1.weight.pow(2)
               + blk.conv2.weight.pow(2).sum((0, 2, 3)))
-    assert torch.allclose(group_l2_scores(groups, normalize=False)[g.id], manual)
+    assert torch.allclose(group_l2_scores(groups, normalize=False)[g.id], manual / 3)
+    assert torch.allclose(group_sq_norms(g), manual)
     assert group_l2_scores(groups)[g.id].mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "efficientnet_lite0"])
+def test_group_l2_is_torch_pruning_group_magnitude_importance(name):
+    """DepGraph's criterion as Torch-Pruning computes it: GroupMagnitudeImportance(p=2), mean over the
+    group's layers, divided by the group mean. (A guard: the scores go through Torch-Pruning, and the
+    unit bookkeeping must not change them where a unit is a channel.)"""
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    net = create_model(name, 10, 32).eval()
+    groups = find_groups(net, _x(32, n=1))
+    ours = group_l2_scores(groups)
+    reference = tp.importance.GroupMagnitudeImportance(p=2)
+    graph = groups[0].graph
+    for g in groups:
+        root, fn = graph.roots[g.id]
+        theirs = reference(graph.dg.get_pruning_group(root, fn, list(range(g.channels))))
+        assert torch.allclose(ours[g.id], theirs.float(), rtol=1e-4, atol=1e-6), g.id
+
+
+def test_scores_with_units_removed_equal_scores_of_the_slimmed_network(resnet20):
+    net, groups = resnet20
+    masks = _random_masks(groups, seed=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with units_removed(groups, masks):
+        masked = group_l2_scores(groups, normalize=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())      # restored exactly
+    slimmed = _slimmed_copy(net, masks)
+    after = group_l2_scores(find_groups(slimmed, _x(n=1)), normalize=False)
+    for gid, mask in masks.items():
+        assert torch.allclose(masked[gid][mask], after[gid], rtol=1e-5), gid
+    assert any(not torch.allclose(masked[g], group_l2_scores(groups, normalize=False)[g]) for g in masks)
 
 
 def test_random_scores_are_seeded(resnet20):

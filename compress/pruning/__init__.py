@@ -16,7 +16,14 @@ from compress.pruning.cost import CostModel
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup, find_groups
-from compress.pruning.importance import group_l2_scores, group_lasso, group_sq_norms, l1_scores, random_scores
+from compress.pruning.importance import (
+    group_l2_scores,
+    group_lasso,
+    group_sq_norms,
+    l1_scores,
+    random_scores,
+    units_removed,
+)
 from compress.pruning.latency_model import LatencyModel, LatencyTable, layer_shapes
 from compress.pruning.slim import slim
 from compress.pruning.structure import apply_layer_spec, layer_spec, widths
@@ -25,4 +32,4 @@ from compress.pruning.target import check_ratio, select_counts, select_masks, sm
 __all__ = ["ChannelGroup", "CostModel", "FlopsModel", "Gates", "LatencyModel", "LatencyTable", "SplitAttention",
            "apply_layer_spec", "check_ratio", "find_groups", "group_l2_scores", "group_lasso", "group_sq_norms",
            "l1_scores", "layer_shapes", "layer_spec", "random_scores", "select_counts", "select_masks", "slim",
-           "smallest_ratio", "split_attention", "widths"]
+           "smallest_ratio", "split_attention", "units_removed", "widths"]
