@@ -66,8 +66,9 @@ class Optim:
 @dataclass
 class StepInfo:
     epoch: int        # 0-based epoch of the stage
-    step: int         # 0-based step within the stage
-    total: int        # steps in the whole stage
+    step: int         # 0-based optimiser step within the stage
+    total: int        # optimiser steps in the whole stage
+    pass_index: int = 0   # which of the stage's `passes` over this batch (0-based)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Stage:
     freeze: str | None = None     # "batch" | "running": network weights frozen, its buffers restored on exit
     augment: bool = True
     evaluate: bool = True         # validation accuracy ("val_acc") after each epoch
+    passes: int = 1               # forward + optimiser steps per batch (`step.pass_index` says which)
 
     def modules(self) -> list[nn.Module]:
         """Extra trainable modules (scores, hypernetwork): on the device, DDP-synchronised, checkpointed."""
@@ -176,7 +178,7 @@ def run_stage(module: nn.Module, data: DataBundle, stage: Stage, *, batch_size: 
     rt = rt or current()
     extras = [rt.place(m) for m in stage.modules()]
     steps = steps_per_epoch(len(data.train), batch_size)
-    total = max(1, stage.epochs * steps)
+    total = max(1, stage.epochs * steps * stage.passes)
     state = _StageState(module, extras, stage, rt, total)
     saved = checkpoint.stage(stage.name) if checkpoint is not None else None
     if saved is not None:
@@ -192,13 +194,14 @@ def run_stage(module: nn.Module, data: DataBundle, stage: Stage, *, batch_size: 
             sums = _Sums()
             for i, (x, y) in enumerate(batches(data.train, batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                                augment=stage.augment, rt=rt)):
-                info = StepInfo(epoch, epoch * steps + i, total)
-                _train_mode(module, extras, stage.freeze)
-                with rt.autocast():
-                    loss, logits, metrics = net(x, y, info)
-                state.step(loss)
-                stage.after_step(module, info)
-                sums.add(loss, logits, y, metrics)
+                for p in range(stage.passes):
+                    info = StepInfo(epoch, (epoch * steps + i) * stage.passes + p, total, p)
+                    _train_mode(module, extras, stage.freeze)
+                    with rt.autocast():
+                        loss, logits, metrics = net(x, y, info)
+                    state.step(loss)
+                    stage.after_step(module, info)
+                    sums.add(loss, logits, y, metrics)
                 bar.advance(sums.text() if sums.due() else None)
             times.append(time.perf_counter() - started)
             record = {"epoch": epoch + 1, **sums.epoch(rt), "time_s": round(times[-1], 3)}

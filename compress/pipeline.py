@@ -29,7 +29,7 @@ from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, widths
-from compress.pruning.target import SCOPES, check_ratio, select_masks, smallest_ratio
+from compress.pruning.target import SCOPES, check_ratio, mask_overlap, select_masks, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
 
@@ -139,6 +139,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
         "groups": len(groups), "groups_pruned": sum(1 for g in groups if not bool(masks[g.id].all())),
         "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
         "search": result.stages, **({"method_report": ctx.report} if ctx.report else {}),
+        "mask_overlap": mask_overlap(result.initial_masks, masks) if result.initial_masks is not None else None,
         "finetune_history": history,
     }
     start = time.perf_counter()
@@ -166,7 +167,8 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         set_rng(saved["rng"])
         return SearchResult(scores=saved["scores"], masks=saved["masks"], normalize=saved["normalize"],
                             prompt=ctx.module.prompt if saved["prompt_spec"] is not None else None,
-                            prompt_spec=saved["prompt_spec"], stages=saved["stages"], extras=saved["extras"])
+                            prompt_spec=saved["prompt_spec"], stages=saved["stages"], extras=saved["extras"],
+                            initial_masks=saved.get("initial_masks"))
     result = method_obj.search(ctx)
     if result.prompt is not None:
         if result.prompt_spec is None:
@@ -175,6 +177,7 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
     progress.save_result("search", snapshot({
         "scores": result.scores, "masks": result.masks, "normalize": result.normalize,
         "prompt_spec": result.prompt_spec, "stages": _jsonable(result.stages), "extras": result.extras,
+        "initial_masks": result.initial_masks,
         "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
     return result
 

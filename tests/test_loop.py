@@ -103,6 +103,20 @@ def test_run_stage_drives_optimisers_schedules_and_hooks():
     assert not model.training
 
 
+def test_a_two_pass_stage_steps_twice_per_batch_on_the_same_batch():
+    data = load_data("digits", image_size=8, subset=100)
+    stage = _Counting()
+    stage.passes, stage.epochs = 2, 1
+    seen = []
+    forward = stage.forward
+    stage.forward = lambda module, x, y, step: seen.append((step.pass_index, x.sum().item())) or forward(
+        module, x, y, step)
+    run_stage(_tiny(), data, stage, batch_size=40, seed=0)
+    assert stage.steps == [(0, s, 6) for s in range(6)]                     # 3 batches × 2 optimiser steps
+    assert [p for p, _ in seen] == [0, 1] * 3
+    assert all(seen[i][1] == seen[i + 1][1] for i in range(0, 6, 2))         # both passes see one batch
+
+
 def test_a_finished_stage_is_restored_from_its_checkpoint_without_training(tmp_path):
     data = load_data("digits", image_size=8, subset=100)
     ckpt = Checkpoint(tmp_path / "out", {"k": 1})

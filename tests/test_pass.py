@@ -224,6 +224,20 @@ def test_prune_pass_hits_the_ratio_and_saves_prompt_and_hypernetwork(pass_run):
     hyper.load_state_dict(load_state(pass_run / "hypernet.pt"), strict=True)
     module = load(pass_run)
     assert module.spec["prompt"]["kind"] == "pad" and module.prompt.delta.abs().sum() > 0
+    overlap = report["mask_overlap"]          # final masks vs the masks of the untrained hypernetwork
+    assert 0 < overlap["jaccard_kept"] <= 1 and 0 < overlap["jaccard_removed"] <= 1 and overlap["units_changed"] >= 0
+
+
+def test_hypernetwork_at_initialisation_is_a_control(digits_run, tmp_path):
+    """--hypernet-epochs 0 without --hypernet-from: the untrained hypernetwork decides the masks."""
+    import json
+
+    res = _prune("--from", str(digits_run), "--data", "digits", "--method", "pass", "--flops-ratio", "0.4",
+                 "--hypernet-epochs", "0", "--finetune-epochs", "0", "--subset", "100", "--out", str(tmp_path / "c"))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["search"]["hypernet_search"]["history"] == [] and abs(report["flops_ratio"] - 0.4) <= 0.02
+    assert report["mask_overlap"] == {"jaccard_kept": 1.0, "jaccard_removed": 1.0, "units_changed": 0}
 
 
 def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run, digits_run, tmp_path):
@@ -239,7 +253,7 @@ def test_hypernet_from_reuses_a_pass_run_and_refuses_what_does_not_fit(pass_run,
     for extra, message in ((["--hypernet-from", str(digits_run)], "no hypernet.pt"),
                            (["--hypernet-from", str(pass_run), "--prompt", "none"], "trained with a prompt"),
                            (["--hypernet-from", str(tmp_path / "nowhere")], "not a directory"),
-                           (["--hypernet-epochs", "0"], "at least 1")):
+                           (["--hypernet-epochs", "-1"], "≥ 0")):
         res = _prune(*common, *extra, "--out", str(tmp_path / "bad"))
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "bad").exists()

@@ -130,6 +130,34 @@ def test_settings_are_checked():
         VPNsSettings(first_stage_cap=1.5).check()
     with pytest.raises(CompressError, match="--prompt"):
         VPNsSettings(prompt="frame").check()
+    with pytest.raises(CompressError, match="--two-pass"):
+        VPNsSettings(prompt="none", two_pass=True).check()
+
+
+@pytest.mark.parametrize("control", [True, False])
+def test_no_search_control_keeps_the_initial_masks_and_two_pass_search_moves_them(control):
+    from compress.methods.vpns import VPNs
+
+    module, data, groups, ctx, *_ = _setup(prompt="pad")
+    method = VPNs(warmup_epochs=0, score_epochs=0 if control else 1, score_lr=0.5, two_pass=not control)
+    result = method.search(ctx)
+    same = all(torch.equal(result.masks[g], result.initial_masks[g]) for g in result.masks)
+    assert same == control
+    assert (float(module.prompt.delta.detach().abs().max()) > 0) != control
+
+
+def test_two_pass_steps_are_prompted_then_unprompted():
+    from compress.loop import StepInfo
+    from compress.methods.vpns import run_pass
+
+    module, *_ = _setup(prompt="pad")
+    with torch.no_grad():
+        module.prompt.delta.fill_(0.3)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(run_pass(module, x, StepInfo(0, 0, 2, 0)), module(x))
+        plain = run_pass(module, x, StepInfo(0, 1, 2, 1))
+        assert torch.equal(plain, module.net(module.normalize(x))) and not torch.equal(plain, module(x))
 
 
 def test_prune_with_vpns_deploys_the_prompt_exports_it_and_reloads_exactly(digits_run, tmp_path):
@@ -143,6 +171,7 @@ def test_prune_with_vpns_deploys_the_prompt_exports_it_and_reloads_exactly(digit
     assert abs(report["flops_ratio"] - 0.5) <= 0.02
     assert set(report["search"]) == {"warmup", "mask_search"}
     assert report["method_report"]["vpns"]["mask_search_epoch_s"] > 0
+    assert 0 < report["mask_overlap"]["jaccard_kept"] <= 1      # vs the masks of the starting (magnitude) scores
     spec = json.loads((out / "model.json").read_text())
     assert spec["prompt"] == {"kind": "pad", "version": 2, "image_size": 16, "size": 2}
 

@@ -97,6 +97,9 @@ class SearchResult:
     prompt_spec: dict[str, Any] | None = None    # model.json "prompt" (compress.prompt.build_prompt)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)    # per stage: wall_s, accuracies…
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # extra weights-only files
+    # The masks the method's *initial* scores give at the same target (before any search or sparse training):
+    # report.json's "mask_overlap" says how far the search moved from them.
+    initial_masks: dict[str, torch.Tensor] | None = None
 
 
 class Method:

@@ -64,9 +64,8 @@ class PassOptions:
     hypernet_from: str | None = None
 
     def check(self) -> None:
-        if self.search_epochs < (0 if self.hypernet_from else 1):
-            raise CompressError(f"--hypernet-epochs must be at least 1 (0 only with --hypernet-from: use the "
-                                f"transferred hypernetwork as it is), got {self.search_epochs}")
+        if self.search_epochs < 0:
+            raise CompressError(f"--hypernet-epochs must be ≥ 0, got {self.search_epochs}")
         if self.hypernet_lr <= 0 or self.prompt_lr < 0:
             raise CompressError("--hypernet-lr must be > 0 and --hypernet-prompt-lr ≥ 0")
         if self.lam < 0:
@@ -84,6 +83,7 @@ class SearchResult:
     hypernet: MaskHypernet
     stats: GroupStats
     scores: dict[str, torch.Tensor]             # deterministic logits per group id (for global ranking)
+    initial_scores: dict[str, torch.Tensor]     # the same from the hypernetwork before the search
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_times_s: list[float] = field(default_factory=list)
     transferred_from: str | None = None
@@ -224,11 +224,13 @@ def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup
         reuse = reuse_hypernet(hyper, backbone)
     else:
         hyper = new_hypernet(groups, use_prompt, target, opts, backbone)
+    start_prompt = prompt_tensor(prompt)
+    initial = hyper.scores(None if start_prompt is None else start_prompt.detach().cpu(), stats)  # hyper is on the CPU
     stage = HypernetSearch(hyper, stats, groups, prompt, target, opts, seed)
     record = run_stage(module, data, stage, batch_size=opts.batch_size, seed=seed, checkpoint=checkpoint)
     hyper.eval()
     scores = hyper.scores(prompt_tensor(prompt), stats)
-    return SearchResult(hyper, stats, scores, record.history, record.epoch_times, opts.hypernet_from, reuse)
+    return SearchResult(hyper, stats, scores, initial, record.history, record.epoch_times, opts.hypernet_from, reuse)
 
 
 # ---------------------------------------------------------------- the method
@@ -241,7 +243,8 @@ class Pass(Method):
     options = (
         *PROMPT_OPTIONS,
         MethodOption("--hypernet-epochs", int, PassOptions.search_epochs, "epochs of hypernetwork + prompt training "
-                     "(backbone frozen)"),
+                     "(backbone frozen); 0 is the control: the hypernetwork as initialised (or as loaded by "
+                     "--hypernet-from) and an untrained prompt decide the masks"),
         MethodOption("--hypernet-lr", float, PassOptions.hypernet_lr, "Adam learning rate of encoder + LSTM + heads"),
         MethodOption("--hypernet-prompt-lr", float, PassOptions.prompt_lr, "Adam learning rate of the prompt during "
                      "the search"),
@@ -282,4 +285,5 @@ class Pass(Method):
                  "accuracy_masked": accuracy, "flops_ratio_estimate": ctx.flops_model.ratio_of_masks(masks),
                  "history": found.history}
         return MethodResult(scores=found.scores, normalize=False, prompt=prompt, prompt_spec=prompt_spec(prompt),
-                            stages={"hypernet_search": stage}, extras=found.extras())
+                            stages={"hypernet_search": stage}, extras=found.extras(),
+                            initial_masks=ctx.select_masks(found.initial_scores, normalize=False))

@@ -60,6 +60,7 @@ class VPNsSettings:
     vpns_prompt_lr: float = 1e-3          # Adam, warm-up and search (reference: 1e-3)
     first_stage_cap: float = 1.0          # share of stem/first-stage units the masks may remove (reference: 0.25)
     search_bn: str = "batch"              # "batch": batch statistics, buffers restored; "running": BN in eval
+    two_pass: bool = False                # the reference's prompted + unprompted optimiser steps per batch
     batch_size: int = 128
 
     def check(self) -> None:
@@ -75,6 +76,8 @@ class VPNsSettings:
             raise CompressError(f"--first-stage-cap must be in [0, 1], got {self.first_stage_cap}")
         if self.search_bn not in ("batch", "running"):
             raise CompressError(f"--search-bn must be batch or running, got {self.search_bn!r}")
+        if self.two_pass and self.prompt == "none":
+            raise CompressError("--two-pass alternates prompted and unprompted steps: it needs a --prompt")
 
 
 @register
@@ -94,6 +97,8 @@ class VPNs(Method):
                      "remove while the FLOPs target allows it (reference 0.25; 1 = no cap)"),
         MethodOption("--search-bn", ("batch", "running"), "batch", "VPNs: BN during the search: batch statistics "
                      "(running ones restored afterwards) or the dense running statistics"),
+        MethodOption("--two-pass", bool, False, "VPNs: the reference's two optimiser steps per batch in the warm-up "
+                     "and the mask search, one with the prompt and one without"),
     )
 
     def search(self, ctx: PruneContext) -> SearchResult:
@@ -116,6 +121,7 @@ class VPNs(Method):
         capped = first_stage_groups(module, ctx.groups) if settings.first_stage_cap < 1.0 else []
         protected = protected_units(ctx.groups, scores, capped, settings.first_stage_cap)
         selector = MaskSelector(ctx, protected)
+        initial = selector(scores)
         found = search_masks(module, ctx.groups, ctx.data, selector=selector, scores=scores, settings=settings,
                              seed=ctx.seed, checkpoint=ctx.checkpoint)
         stages["mask_search"] = {**found.as_dict(), "wall_s": ctx.stopwatch.lap("mask_search", start)}
@@ -129,7 +135,8 @@ class VPNs(Method):
                      "first_stage_removed": removed_share(final, ctx.groups, capped),
                      "flops_ratio_estimate_search": round(selector.ratio(final), 6)}})
         return SearchResult(masks=final, prompt=prompt,
-                            prompt_spec=prompt_spec(prompt) if prompt is not None else None, stages=stages)
+                            prompt_spec=prompt_spec(prompt) if prompt is not None else None, stages=stages,
+                            initial_masks=initial)
 
 
 # ---------------------------------------------------------------- scores and masks
@@ -234,6 +241,7 @@ class Warmup(Stage):
 
     def __init__(self, settings: VPNsSettings):
         self.settings, self.epochs = settings, settings.warmup_epochs
+        self.passes = 2 if settings.two_pass else 1
 
     def optimizers(self, module: DeployableModule) -> list[Optim]:
         weights = [p for p in module.net.parameters() if p.requires_grad]
@@ -241,6 +249,18 @@ class Warmup(Stage):
         if list(module.prompt.parameters()):
             opts.append(Optim(list(module.prompt.parameters()), "adam", self.settings.vpns_prompt_lr))
         return opts
+
+    def forward(self, module, x, y, step) -> StepOut:
+        logits = run_pass(module, x, step)
+        return StepOut(F.cross_entropy(logits, y), logits)
+
+
+def run_pass(module: DeployableModule, x: torch.Tensor, step) -> torch.Tensor:
+    """The reference's two-pass step: the first pass over a batch is prompted, the second is not (the network
+    learns to work with and without its prompt; its evaluation, unlike here, is unprompted)."""
+    if step.pass_index == 0:
+        return module(x)
+    return module.net(module.normalize(x))
 
 
 class Scores(nn.Module):
@@ -268,6 +288,7 @@ class MaskSearch(Stage):
                  check_step: Callable[[dict[str, torch.Tensor]], None] | None = None):
         self.groups, self.data, self.selector, self.settings = groups, data, selector, settings
         self.epochs, self.freeze, self.check_step = settings.score_epochs, settings.search_bn, check_step
+        self.passes = 2 if settings.two_pass else 1
         self.scores = Scores(scores)
         self.gates: Gates | None = None
 
@@ -291,7 +312,7 @@ class MaskSearch(Stage):
         if self.check_step is not None:
             self.check_step(masks)
         self.gates.set(straight_through(params, masks))
-        logits = module(x)
+        logits = run_pass(module, x, step)
         return StepOut(F.cross_entropy(logits, y), logits)
 
     def end_epoch(self, module: DeployableModule, epoch: int) -> dict:

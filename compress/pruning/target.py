@@ -178,3 +178,20 @@ def _mixed_rounding(low: torch.Tensor, high: torch.Tensor, cost_model: CostModel
             return [current, trial]
         current = trial
     return [current]
+
+
+def mask_overlap(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """How far a search moved the masks: Jaccard index of the kept units (|A ∩ B| / |A ∪ B| over the units of
+    every group), the same for the removed units, and how many units changed side. 1, 1, 0: the search
+    kept exactly what its starting scores would have kept."""
+    kept_both = kept_any = removed_both = removed_any = changed = 0
+    for gid, b in before.items():
+        b, a = torch.as_tensor(b, dtype=torch.bool).cpu(), torch.as_tensor(after[gid], dtype=torch.bool).cpu()
+        kept_both += int((a & b).sum())
+        kept_any += int((a | b).sum())
+        removed_both += int((~a & ~b).sum())
+        removed_any += int((~a | ~b).sum())
+        changed += int((a ^ b).sum())
+    return {"jaccard_kept": round(kept_both / kept_any, 4) if kept_any else 1.0,
+            "jaccard_removed": round(removed_both / removed_any, 4) if removed_any else 1.0,
+            "units_changed": changed}
