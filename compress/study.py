@@ -91,11 +91,11 @@ PRESETS: dict[str, StudyConfig] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> StudyConfig:
-    """The named study with `overrides` (fields left None keep the preset's value)."""
-    if name not in PRESETS:
-        raise CompressError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+def preset(which: str, /, **overrides: Any) -> StudyConfig:
+    """The study named `which` with `overrides` (fields left None keep the preset's value)."""
+    if which not in PRESETS:
+        raise CompressError(f"unknown study preset {which!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[which], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True)

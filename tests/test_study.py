@@ -55,3 +55,17 @@ def test_presets_name_whole_studies_and_flags_override_them():
         assert parse_method(method, registry).name in registry
     with pytest.raises(CompressError, match="unknown study preset 'nope'"):
         preset("nope")
+
+
+def test_study_command_takes_a_preset_and_overrides(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    res = CliRunner().invoke(main, ["study", "--preset", "scratch", "--data", "synthetic:120", "--subset", "100",
+                                    "--dense-epochs", "1", "--finetune-epochs", "0", "--ratios", "0.5", "--seeds", "0",
+                                    "--methods", "l1", "--no-latency", "--work", str(tmp_path / "w"), "--docs",
+                                    str(tmp_path / "d"), "--name", "mine"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "d" / "mine.md").is_file() and (tmp_path / "d" / "mine.json").is_file()
+    assert "| l1 | 0.5 |" in (tmp_path / "d" / "mine.md").read_text()
