@@ -203,3 +203,13 @@ def test_fp16_uses_a_grad_scaler():
 def test_report_records_where_it_ran(digits_run):
     report = json.loads((digits_run / "report.json").read_text())
     assert report["device"] == "cpu" and report["precision"] == "fp32" and report["world_size"] == 1
+
+
+@CUDA
+def test_streamed_batches_land_on_the_gpu_identical_to_the_cpu_ones(imagefolder_dir):
+    data = load_data(f"imagefolder:{imagefolder_dir}", image_size=24)
+    cpu = list(batches(data.train, 4, shuffle=True, seed=3, augment=True, rt=Runtime(workers=0)))
+    gpu = list(batches(data.train, 4, shuffle=True, seed=3, augment=True,
+                       rt=Runtime(device=torch.device("cuda"), workers=2, channels_last=True)))
+    assert all(x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last) for x, _ in gpu)
+    assert all(torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb) for (a, ya), (b, yb) in zip(gpu, cpu, strict=True))
