@@ -4,7 +4,9 @@
 whose width pruning can change, its latency over a grid of input × output widths (compress.pruning.
 latency_model.layer_shapes says which layers and widths), with the bench runners and the bench's
 interleaved measurement and statistics (median of each grid point, all points of one layer
-interleaved, so a drifting machine shifts them alike). Layers with the same signature are measured
+interleaved, so a drifting machine shifts them alike). A point's latency is the layer's twin minus
+the layer alone (bench/layers.py): what the layer adds inside a network, without the call, output
+copy and layout reorders that only a layer timed alone pays. Layers with the same signature are measured
 once; every table is cached on disk (bench/lut_cache.py) and reused across runs and models. The
 whole dense network is measured too (the part no table covers), and, as a check, networks with
 every group slimmed to a common fraction: their measured latency ratio is reported beside the
@@ -36,6 +38,8 @@ from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerNeed
 from compress.pruning.slim import slim
 
 DEFAULT_POINTS = 6
+MEASURE = "twin-minus-single"      # how a grid point's latency is obtained (bench/layers.py)
+FLOOR = 0.05                       # a marginal cost below this share of the single layer's time is noise
 CHECK_FRACTIONS = (0.5,)
 ONNX_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005}
@@ -82,7 +86,8 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     env = target.environment()
     example = module.normalize(module.example_input(1))
     needs = layer_shapes(groups, example, round_to, points)
-    keys = [{"kind": "layer", **env, "layer": n.shape.to_dict(), "cin": n.cin, "cout": n.cout} for n in needs]
+    keys = [{"kind": "layer", **env, "measure": MEASURE, "layer": n.shape.to_dict(), "cin": n.cin, "cout": n.cout}
+            for n in needs]
     found: dict[str, list[list[float]]] = {}
     missing: dict[str, tuple[LayerNeed, dict]] = {}
     for need, key in zip(needs, keys, strict=True):
@@ -133,12 +138,20 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
         task = bars.add_task("latency tables", total=len(todo), metrics="") if bars else None
         for i, (need, key) in enumerate(todo):
             grid = _grid_points(need)
-            contenders = [_layer_contender(need, ci, co, target, Path(scratch), j) for j, (ci, co) in enumerate(grid)]
+            contenders = [_layer_contender(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")
+                          for copies in (1, 2) for j, (ci, co) in enumerate(grid)]
             measure_interleaved(contenders, target.batch_size, settings)
             medians = [to_result(c, target.backend, target.batch_size).summary.median_ms for c in contenders]
+            single, twin = medians[:len(grid)], medians[len(grid):]
+            marginal = [max(t - s, FLOOR * s) for s, t in zip(single, twin, strict=True)]
             cols = len(need.cout)
-            ms = [medians[r * cols:(r + 1) * cols] for r in range(len(medians) // cols)]
-            payload = {"ms": ms, "settings": LAYER_SETTINGS, "measured_utc": _now()}
+
+            def rows(values: list[float], cols: int = cols) -> list[list[float]]:
+                return [values[r * cols:(r + 1) * cols] for r in range(len(values) // cols)]
+
+            ms = rows(marginal)
+            payload = {"ms": ms, "single_ms": rows(single), "twin_ms": rows(twin), "settings": LAYER_SETTINGS,
+                       "measured_utc": _now()}
             cache.put(key, payload)
             found[cache.path(key).name] = ms
             total += len(grid)
@@ -151,15 +164,15 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
     return total
 
 
-def _layer_contender(need: LayerNeed, cin: int, cout: int, target: TableTarget, scratch: Path, index: int
-                     ) -> Contender:
-    label = f"{need.layer}@{cin}x{cout}"
+def _layer_contender(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
+                     index: str) -> Contender:
+    label = f"{need.layer}@{cin}x{cout}" + ("-twin" if copies == 2 else "")
     if target.backend in ONNX_BACKENDS:
         path = scratch / f"layer{index}.onnx"
-        path.write_bytes(onnx_layer(need.shape, cin, cout, target.batch_size))
+        path.write_bytes(onnx_layer(need.shape, cin, cout, target.batch_size, copies))
         tgt = Target(label, path, "onnx", batch_dim=target.batch_size)
     else:
-        tgt = module_target(label, torch_layer(need.shape, cin, cout))
+        tgt = module_target(label, torch_layer(need.shape, cin, cout, copies))
     return _load(tgt, target, scratch)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.files import write_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ENV_DIR = "COMPRESS_CACHE_DIR"
 
 

@@ -84,16 +84,23 @@ def test_corrupt_and_foreign_cache_files_are_measured_again(built, tmp_path):
                padding=(1, 1), dilation=(1, 1), depthwise=True, bn=True, act="relu6"),
     LayerShape(op="linear", input_shape=(4, 4, 32), channel_dim=2, cin=32, cout=64, bias=True, act="gelu"),
 ])
-def test_onnx_and_torch_layers_agree_in_shape(shape):
+@pytest.mark.parametrize("copies", [1, 2])
+def test_onnx_and_torch_layers_agree_in_shape(shape, copies):
     cin, cout = (8, 8) if shape.depthwise else (8, 16)
-    session = ort.InferenceSession(onnx_layer(shape, cin, cout, batch_size=2), providers=["CPUExecutionProvider"])
+    graph = onnx_layer(shape, cin, cout, batch_size=2, copies=copies)
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     dims = list(shape.input_shape)
     dims[shape.channel_dim] = cin
     x = np.random.default_rng(0).random((2, *dims), dtype=np.float32)
     (y,) = session.run(None, {session.get_inputs()[0].name: x})
     with torch.no_grad():
-        expected = torch_layer(shape, cin, cout)(torch.from_numpy(x))
+        expected = torch_layer(shape, cin, cout, copies)(torch.from_numpy(x))
     assert y.shape == tuple(expected.shape)
+    if copies == 2:       # the copies' weights differ, so no optimiser can merge them into one layer
+        import onnx
+
+        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load_from_string(graph).graph.initializer}
+        assert not np.array_equal(weights["c0_w"], weights["c1_w"])
 
 
 def test_unknown_or_unavailable_backend_is_one_line():
