@@ -12,9 +12,10 @@ measured latency) is closest to R.
 For the ranking the ratio is monotone in the number of removed units, so a bisection over the
 ranking (global) or the kept fraction (local) finds the two configurations bracketing R; the closer
 one wins. Each step is one vectorised cost-model evaluation, so selecting masks costs milliseconds
-(cheap enough for every training step of a learned method). When round-to steps leave the global
-bracket more than `tolerance` from R, whole allowed blocks are moved until within a fifth of it
-(allocation.close_gap), whichever method produced the scores.
+(cheap enough for every training step of a learned method). When round-to steps leave the result
+more than `tolerance` from R, whole allowed blocks are moved until within a fifth of it
+(allocation.close_gap), whichever method produced the scores and in either scope (a local result
+then departs from the common fraction by those blocks).
 """
 
 from __future__ import annotations
@@ -92,11 +93,11 @@ def select_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup], c
     for g, v in zip(groups, vals, strict=True):
         if v.numel() != g.width:
             raise ValueError(f"scores for group {g.id} have {v.numel()} entries, the group has {g.width} units")
-    if scope == "local":
-        return _local_counts(groups, allowed, cost_model, ratio)
     if normalize:
         vals = [v / (v.abs().mean() + 1e-12) for v in vals]
-    if allocation == "knapsack":
+    if scope == "local":
+        kept = _local_counts(groups, allowed, cost_model, ratio)
+    elif allocation == "knapsack":
         floor = min(float(v.min()) for v in vals)
         vals = [v - min(floor, 0.0) for v in vals]          # values ≥ 0: a unit is worth keeping
         kept, info = knapsack_counts(vals, allowed, cost_model, ratio)
