@@ -7,10 +7,12 @@ its latency (with the BatchNorm and activation right after it, as the deployed g
 a grid of input × output widths; between grid points the table is interpolated bilinearly, which
 also makes the model differentiable for PASS's resource penalty.
 
-The network's latency is predicted as (everything the tables do not cover, taken from one
-measurement of the whole dense network) + Σ table latencies. The tables themselves are measured
-above the engine (bench/lut.py, with the bench runners); this module only holds the numbers and
-the arithmetic, and `layer_shapes` says which layers a network needs tables for.
+The network's latency is predicted as the measured latency of the whole dense network minus what
+the tables say the narrower layers save, times a scale fitted on one measured pruned network (what
+narrower layers save beyond the tables: the element-wise ops, copies and cache effects around them —
+or less). The tables themselves are measured above the engine (bench/lut.py, with the bench
+runners); this module only holds the numbers and the arithmetic, and `layer_shapes` says which
+layers a network needs tables for.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class LatencyTable:
     target: dict[str, Any]            # backend, threads, batch size, host, library versions
     layers: list[LayerTable]
     dense_ms: float                   # the whole dense network, measured
+    scale: float = 1.0                # whole-network saving ÷ the tables' saving, fitted on a measured network
     checks: list[dict[str, Any]] = field(default_factory=list)   # predicted vs measured whole networks
 
 
@@ -229,6 +232,7 @@ class LatencyModel(CostModel):
             self.z[e] = torch.cat([grid, grid[:, -1:].expand(-1, longest - grid.shape[1])], 1)
         self.covered = float(self.tables_ms(self.widths))
         self._dense = float(table.dense_ms)
+        self.scale = float(table.scale)
 
     @property
     def dense(self) -> float:
@@ -240,8 +244,8 @@ class LatencyModel(CostModel):
 
     def cost(self, kept: torch.Tensor) -> torch.Tensor:
         """Predicted latency (ms): the dense network's measured latency, minus what the tables say the
-        pruned layers save."""
-        return self._dense - self.covered + self.tables_ms(kept)
+        pruned layers save (× the fitted scale)."""
+        return self._dense - self.scale * (self.covered - self.tables_ms(kept))
 
     def tables_ms(self, kept: torch.Tensor) -> torch.Tensor:
         """Σ over tabulated layers of their interpolated latency ([..., ] like kept without the G dim)."""
