@@ -11,8 +11,8 @@ from compress.models import create_model
 from compress.pruning import find_groups, l1_scores, random_scores
 from compress.pruning.allocation import AllowedCounts, cumulative_values
 from compress.pruning.flops_model import FlopsModel
-from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerTable, layer_shapes
-from compress.pruning.target import select_counts, select_masks
+from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerTable, _piecewise, layer_shapes
+from compress.pruning.target import knapsack_floor, knapsack_values, select_counts, select_masks
 
 
 def _x(size=16):
@@ -89,8 +89,23 @@ def test_latency_model_interpolates_bilinear_tables_exactly(resnet20):
         co = t.shape.cout if len(t.cout) == 1 else float(cout[e])
         k2 = t.shape.kernel[0] ** 2 if t.shape.kernel else 1
         expected += 1e-3 * ci * co * k2
-    assert float(model.cost(kept)) == pytest.approx(100.0 - dense_sum + expected)
+    assert float(model.raw_ratio(kept)) == pytest.approx(expected / dense_sum)
+    assert float(model.cost(kept)) == pytest.approx(100.0 * expected / dense_sum)     # no calibration yet
     assert fm.ids == model.ids
+
+
+def test_calibration_maps_raw_ratios_monotonically(resnet20):
+    _net, groups = resnet20
+    table = _table(groups, dense_ms=10.0)
+    table.calibration = [[0.7, 0.6], [0.3, 0.35], [0.5, 0.45], [0.55, 0.44]]   # one noisy, non-monotone point
+    model = LatencyModel(groups, table)
+    xs = torch.linspace(0.05, 1.0, 60, dtype=torch.float64)
+    mapped = _piecewise(model.knots_x, model.knots_y, xs)
+    assert bool((mapped[1:] >= mapped[:-1] - 1e-12).all()) and float(mapped[-1]) == pytest.approx(1.0)
+    assert float(_piecewise(model.knots_x, model.knots_y, torch.tensor([0.7]))) == pytest.approx(0.6)
+    assert float(_piecewise(model.knots_x, model.knots_y, torch.tensor([0.3]))) == pytest.approx(0.35)
+    assert float(mapped[0]) >= 0.01
+    assert float(model.cost(model.widths)) == pytest.approx(10.0)          # the dense network is the anchor
 
 
 def test_latency_model_gradient_and_batch(resnet20):
@@ -107,12 +122,12 @@ def test_latency_model_gradient_and_batch(resnet20):
 
 def test_select_masks_on_latency(resnet20):
     _net, groups = resnet20
-    model = LatencyModel(groups, _table(groups, points=8))
+    model = LatencyModel(groups, _table(groups, round_to=4, points=8))
     for allocation in ("rank", "knapsack"):
-        masks = select_masks(l1_scores(groups), groups, model, 0.6, round_to=8, allocation=allocation)
-        assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.03
-    masks = select_masks(l1_scores(groups), groups, model, 0.6, scope="local", round_to=8)
-    assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.03
+        masks = select_masks(l1_scores(groups), groups, model, 0.6, round_to=4, allocation=allocation)
+        assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.02
+    masks = select_masks(l1_scores(groups), groups, model, 0.6, scope="local", round_to=4)
+    assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.02
     with pytest.raises(CompressError, match=r"--latency-ratio 0.01 is unreachable .* smallest reachable is"):
         select_masks(l1_scores(groups), groups, model, 0.01, round_to=8)
 
@@ -124,20 +139,21 @@ def test_knapsack_is_near_the_exhaustive_optimum(resnet20):
     """round-to 16 leaves 4096 allocations: enumerate them all and compare values at equal budget."""
     _net, groups = resnet20
     fm = FlopsModel.for_groups(groups)
-    allowed = AllowedCounts(groups, 16)
-    grid = torch.cartesian_prod(*[torch.tensor(r, dtype=torch.float64) for r in allowed.rows])
-    ratios = fm.ratio(grid)
     for seed in range(3):
         scores = random_scores(groups, seed)
-        vals = [scores[g.id].double() / scores[g.id].double().abs().mean() for g in groups]
+        vals = knapsack_values([scores[g.id].double() / scores[g.id].double().mean() for g in groups], groups)
         cum = cumulative_values(vals)
-        values = sum(cum[g][grid[:, g].long()] for g in range(len(groups)))
         for target in (0.55, 0.7):
+            allowed = AllowedCounts(groups, 16)
+            allowed = allowed.at_least(knapsack_floor(groups, allowed, fm, target))
+            grid = torch.cartesian_prod(*[torch.tensor(r, dtype=torch.float64) for r in allowed.rows])
+            values = sum(cum[g][grid[:, g].long()] for g in range(len(groups)))
             kept = select_counts(scores, groups, fm, target, round_to=16, allocation="knapsack")
             ratio = float(fm.ratio(kept))
             value = sum(float(cum[g][int(kept[g])]) for g in range(len(groups)))
-            best = float(values[ratios <= max(ratio, target) + 1e-9].max())
+            best = float(values[fm.ratio(grid) <= max(ratio, target) + 1e-9].max())
             assert abs(ratio - target) <= 0.03 and value >= 0.98 * best
+            assert all(int(kept[i]) >= allowed.rows[i][0] for i in range(len(groups)))      # the floor holds
 
 
 def test_knapsack_needs_global_scope(resnet20):

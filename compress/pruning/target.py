@@ -4,8 +4,10 @@ measured latency) is closest to R.
 - `scope="global"`, `allocation="rank"`: all units of all groups are ranked together by their score
   divided by the mean |score| of their group (so groups are comparable), and the lowest are removed
   until the ratio is hit — blind to what a unit costs (Torch-Pruning's global pruning).
-- `scope="global"`, `allocation="knapsack"`: the kept widths maximise the total score under the
-  cost budget (allocation.py: HALP's knapsack, linearised and solved greedily, its LP gap reported).
+- `scope="global"`, `allocation="knapsack"`: the kept widths maximise the total value — score × the
+  compute a unit carries (`knapsack_values`) — under the cost budget (allocation.py: HALP's knapsack,
+  linearised and solved greedily, its LP gap reported), every group keeping at least a quarter of
+  its units where the target allows (`_floor`).
 - `scope="local"`: every group keeps the same fraction of its units, solved so the total hits R.
 - `round_to=K`: every group keeps a number of channels that is a multiple of K, or its full width.
 
@@ -30,6 +32,7 @@ from compress.pruning.groups import ChannelGroup
 SCOPES = ("global", "local")
 ALLOCATIONS = ("rank", "knapsack")
 TOLERANCE = 0.005   # global bracket this far from the target: close the gap by moving whole blocks
+MIN_KEEP = 0.25     # knapsack: every group keeps at least this share of its units (if the target allows)
 
 
 def smallest_ratio(groups: list[ChannelGroup], cost_model: CostModel, round_to: int = 8) -> float:
@@ -71,7 +74,7 @@ def select_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup], c
                   allocation: str = "rank", tolerance: float = TOLERANCE,
                   report: dict | None = None) -> torch.Tensor:
     """Kept units per group ([G], float) of `select_masks`. `report`, if given, receives how the
-    knapsack solved it (re-linearisation rounds and the LP optimality gap of the last one)."""
+    knapsack solved it (greedy steps, share of the total value kept)."""
     flag = cost_model.flag
     check_ratio(ratio, flag)
     if scope not in SCOPES:
@@ -98,17 +101,46 @@ def select_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup], c
     if scope == "local":
         kept = _local_counts(groups, allowed, cost_model, ratio)
     elif allocation == "knapsack":
-        floor = min(float(v.min()) for v in vals)
-        vals = [v - min(floor, 0.0) for v in vals]          # values ≥ 0: a unit is worth keeping
+        vals = knapsack_values(vals, groups)
+        allowed = allowed.at_least(knapsack_floor(groups, allowed, cost_model, ratio))
         kept, info = knapsack_counts(vals, allowed, cost_model, ratio)
         if report is not None:
-            report.update(knapsack_rounds=info.rounds, knapsack_lp_gap=round(info.lp_gap, 6))
+            report.update(knapsack_steps=info.steps, knapsack_value_kept=round(info.value_kept, 6))
     else:
         kept = _global_counts(vals, groups, allowed, cost_model, ratio)
     if abs(float(cost_model.ratio(kept)) - ratio) <= tolerance:
         return kept
     polished = close_gap(kept, vals, allowed, cost_model, ratio, tolerance / 5, per_cost=allocation == "knapsack")
     return closest([kept, polished], cost_model, ratio)
+
+
+def knapsack_values(vals: list[torch.Tensor], groups: list[ChannelGroup]) -> list[torch.Tensor]:
+    """What keeping a unit is worth to the knapsack: its score (shifted to be ≥ 0) × the compute it
+    carries — its group's FLOPs share per unit, scaled to mean 1 over all units. Scores rank units
+    within a group; across groups, a unit of a 56×56-px layer holds more of the network than one at
+    7×7 px, so at equal latency the knapsack keeps the most important *compute*, not the most units."""
+    floor = min(float(v.min()) for v in vals)
+    vals = [v - min(floor, 0.0) for v in vals]
+    shares = torch.tensor(groups[0].graph.flops_model.shares(), dtype=torch.float64)
+    widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
+    per_unit = shares / widths
+    per_unit = per_unit / ((per_unit * widths).sum() / widths.sum()).clamp_min(1e-12)
+    return [v * float(c) for v, c in zip(vals, per_unit, strict=True)]
+
+
+def knapsack_floor(groups: list[ChannelGroup], allowed: AllowedCounts, cost_model: CostModel,
+                   target: float) -> torch.Tensor:
+    """The fewest units each group may keep in a knapsack allocation: MIN_KEEP of its width (a knapsack
+    with near-flat scores otherwise empties whole layers), lowered where the target needs it (to
+    where every group at the floor costs at most 0.8 × the target)."""
+    widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
+    keep = MIN_KEEP
+    for _ in range(20):
+        floor = allowed.round_up(torch.ceil(widths * keep - 1e-9))
+        if float(cost_model.ratio(floor)) <= 0.8 * target or keep < 1e-3:
+            return floor
+        keep /= 2
+    return allowed.minimum
 
 
 def _global_counts(vals, groups, allowed: AllowedCounts, cost_model: CostModel, target: float) -> torch.Tensor:
