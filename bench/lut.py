@@ -8,9 +8,10 @@ interleaved, so a drifting machine shifts them alike). A point's latency is the 
 the layer alone (bench/layers.py): what the layer adds inside a network, without the call, output
 copy and layout reorders that only a layer timed alone pays. Layers with the same signature are measured
 once; every table is cached on disk (bench/lut_cache.py) and reused across runs and models. The
-whole dense network is measured too (the part no table covers), and networks with every group
-slimmed to a common fraction: the first fits the scale between the tables' savings and the whole
-network's (LatencyTable.scale), the others are held-out checks, reported beside the prediction.
+whole dense network is measured too, and networks with every group slimmed to a common share of
+its width: they calibrate the map from the tables' raw ratio to the measured ratio
+(LatencyTable.calibration); each is also predicted from the others alone (leave-one-out), the
+honest figure of how well the tables predict a network they were not fitted on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import copy
 import hashlib
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from compress.pruning.slim import slim
 DEFAULT_POINTS = 6
 MEASURE = "twin-minus-single"      # how a grid point's latency is obtained (bench/layers.py)
 FLOOR = 0.05                       # a marginal cost below this share of the single layer's time is noise
-CHECK_FRACTIONS = (0.5, 0.7)      # the first fits the scale, the second is held out
+CHECK_FRACTIONS = (0.75, 0.5, 0.35)   # calibration networks: every group at this share of its width
 ONNX_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005}
 NETWORK_SETTINGS = {"warmup_s": 0.3, "warmup_iters": 5, "min_time_s": 1.5, "min_iters": 10}
@@ -106,26 +107,20 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     table = LatencyTable(target={**env, "round_to": round_to, "points": points}, layers=layers,
                          dense_ms=network["dense_ms"])
     raw = LatencyModel(groups, table)
-    table.scale = _fit_scale(raw, network["checks"][:1])
+    points = [[float(raw.raw_ratio(torch.tensor(c["kept"], dtype=torch.float64))), c["measured_ratio"]]
+              for c in network["checks"]]
+    table.calibration = points
     model = LatencyModel(groups, table)
     for i, check in enumerate(network["checks"]):
         kept = torch.tensor(check["kept"], dtype=torch.float64)
-        table.checks.append({**check, "fitted": i == 0, "raw_ratio": round(float(raw.ratio(kept)), 4),
+        others = LatencyModel(groups, replace(table, calibration=points[:i] + points[i + 1:], checks=[]))
+        table.checks.append({**check, "raw_ratio": round(points[i][0], 4),
                              "predicted_ratio": round(float(model.ratio(kept)), 4),
-                             "predicted_ms": round(float(model.cost(kept)), 4)})
+                             "predicted_ms": round(float(model.cost(kept)), 4),
+                             "held_out_ratio": round(float(others.ratio(kept)), 4)})
     report = BuildReport(layers=len(needs), signatures=len(found), measured=len(missing), points=measured_points,
                          build_s=time.perf_counter() - started, network_cached=network_cached, notices=notices)
     return model, report
-
-
-def _fit_scale(raw: LatencyModel, checks: list[dict[str, Any]]) -> float:
-    """Measured whole-network saving ÷ the tables' saving on the fitted check network(s), within [¼, 4]
-    (1 when there is nothing to fit on)."""
-    measured = sum(raw.dense - c["measured_ms"] for c in checks)
-    tabled = sum(raw.covered - float(raw.tables_ms(torch.tensor(c["kept"], dtype=torch.float64))) for c in checks)
-    if not checks or tabled <= 0 or measured <= 0:
-        return 1.0
-    return min(4.0, max(0.25, measured / tabled))
 
 
 def _rows(need: LayerNeed) -> int:

@@ -7,10 +7,13 @@ its latency (with the BatchNorm and activation right after it, as the deployed g
 a grid of input × output widths; between grid points the table is interpolated bilinearly, which
 also makes the model differentiable for PASS's resource penalty.
 
-The network's latency is predicted as the measured latency of the whole dense network minus what
-the tables say the narrower layers save, times a scale fitted on one measured pruned network (what
-narrower layers save beyond the tables: the element-wise ops, copies and cache effects around them —
-or less). The tables themselves are measured above the engine (bench/lut.py, with the bench
+The tables' sum over layers gives a *raw* latency for any allocation; its ratio to the dense sum
+ranks allocations, but a network is not the sum of its layers timed one by one (per-op overheads,
+memory traffic of activations, cache effects). So whole pruned networks are measured too (every
+group at a common share of its width), and a monotone piecewise-linear map from the raw ratio to the
+measured ratio, through those points and (1, 1), turns the tables into a prediction. Being
+monotone, it never changes which of two allocations is cheaper — it only says how much cheaper the
+network really is. The tables are measured above the engine (bench/lut.py, with the bench
 runners); this module only holds the numbers and the arithmetic, and `layer_shapes` says which
 layers a network needs tables for.
 """
@@ -81,7 +84,7 @@ class LatencyTable:
     target: dict[str, Any]            # backend, threads, batch size, host, library versions
     layers: list[LayerTable]
     dense_ms: float                   # the whole dense network, measured
-    scale: float = 1.0                # whole-network saving ÷ the tables' saving, fitted on a measured network
+    calibration: list[list[float]] = field(default_factory=list)   # [raw ratio, measured ratio] of pruned networks
     checks: list[dict[str, Any]] = field(default_factory=list)   # predicted vs measured whole networks
 
 
@@ -232,7 +235,7 @@ class LatencyModel(CostModel):
             self.z[e] = torch.cat([grid, grid[:, -1:].expand(-1, longest - grid.shape[1])], 1)
         self.covered = float(self.tables_ms(self.widths))
         self._dense = float(table.dense_ms)
-        self.scale = float(table.scale)
+        self.knots_x, self.knots_y = calibration_knots(table.calibration)
 
     @property
     def dense(self) -> float:
@@ -243,9 +246,12 @@ class LatencyModel(CostModel):
         return f"latency on {t.get('backend')}, {t.get('threads')} thread(s), batch {t.get('batch_size')}"
 
     def cost(self, kept: torch.Tensor) -> torch.Tensor:
-        """Predicted latency (ms): the dense network's measured latency, minus what the tables say the
-        pruned layers save (× the fitted scale)."""
-        return self._dense - self.scale * (self.covered - self.tables_ms(kept))
+        """Predicted latency (ms): the dense network's measured latency × the calibrated raw ratio."""
+        return self._dense * _piecewise(self.knots_x, self.knots_y, self.raw_ratio(kept))
+
+    def raw_ratio(self, kept: torch.Tensor) -> torch.Tensor:
+        """Σ table latencies ÷ their dense sum: the uncalibrated ratio."""
+        return self.tables_ms(kept) / self.covered
 
     def tables_ms(self, kept: torch.Tensor) -> torch.Tensor:
         """Σ over tabulated layers of their interpolated latency ([..., ] like kept without the G dim)."""
@@ -253,6 +259,37 @@ class LatencyModel(CostModel):
         cout = self.layers.out_width(kept)
         cin = torch.where(self.tied, cout, self.layers.in_width(kept))
         return _bilinear(self.xs, self.ys, self.z, cin, cout).sum(-1)
+
+
+def calibration_knots(points: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knots of the monotone map raw ratio → measured ratio: the measured points sorted by raw ratio,
+    made non-decreasing (pool-adjacent-violators), with (1, 1); below the lowest point the map
+    continues its last slope down to a raw ratio of 0 (floored at 1% of the dense latency)."""
+    pts = sorted((float(x), float(y)) for x, y in points if 0 < float(x) < 1)
+    xs, ys, counts = [], [], []
+    for x, y in pts + [(1.0, 1.0)]:
+        xs.append(x)
+        ys.append(y)
+        counts.append(1)
+        while len(ys) > 1 and ys[-2] > ys[-1]:            # pool adjacent violators
+            n = counts[-2] + counts[-1]
+            merged = (ys[-2] * counts[-2] + ys[-1] * counts[-1]) / n
+            xs[-2:], ys[-2:], counts[-2:] = [xs[-1]], [merged], [n]
+    if len(xs) >= 2:
+        slope = (ys[1] - ys[0]) / max(xs[1] - xs[0], 1e-9)
+        xs.insert(0, 0.0)
+        ys.insert(0, max(0.01, ys[0] - slope * xs[1]))
+    else:
+        xs, ys = [0.0, 1.0], [0.0, 1.0]                    # no calibration: the raw ratio itself
+    return torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+
+
+def _piecewise(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation through (xs, ys), extended linearly beyond the ends (differentiable in x)."""
+    x = x.to(torch.float64)
+    i = torch.searchsorted(xs, x.detach().contiguous()).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0).clamp_min(1e-12)
 
 
 def _padded(rows: list[list[int]], length: int) -> torch.Tensor:
