@@ -48,7 +48,8 @@ def test_tables_are_measured_then_reused(built):
     cache_dir, model, report = built
     assert report.measured == report.signatures > 0 and report.points > 0 and not report.network_cached
     assert all(v > 0 for layer in model.table.layers for row in layer.ms for v in row)
-    assert model.dense > 0 and model.table.checks and 0 < model.table.checks[0]["measured_ratio"] < 1.5
+    assert model.dense > 0 and len(model.table.checks) == 3 and len(model.table.calibration) == 3
+    assert all(0 < c["measured_ratio"] < 1.5 and c["held_out_ratio"] > 0 for c in model.table.checks)
     module, groups = _resnet20()
     again, second = build_latency_model(module, groups, TARGET, round_to=8, points=2, cache=TableCache(cache_dir))
     assert second.measured == 0 and second.points == 0 and second.network_cached and not second.notices
@@ -118,7 +119,7 @@ def test_latency_table_command_reuses_the_cache(built, tmp_path):
             "--points", "2", "--cache-dir", str(cache_dir)]
     r = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "t.json")])
     assert r.exit_code == 0, r.output
-    assert "0 measured now" in r.stdout and "(cached)" in r.stdout and "tables predict" in r.stdout
+    assert "0 measured now" in r.stdout and "(cached)" in r.stdout and "from the other checks" in r.stdout
     doc = json.loads((tmp_path / "t.json").read_text())
     assert doc["layers"] and doc["dense_ms"] > 0 and doc["target"]["backend"] == "onnxruntime"
     bad = CliRunner().invoke(main, [*args[:-4], "--points", "1"])
