@@ -29,6 +29,7 @@ from compress.methods.pass_ import (
     search,
     temperature,
 )
+from compress.models import create_model
 from compress.prompt import make_prompt
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
@@ -188,6 +189,44 @@ def test_saved_hypernet_must_match_groups_and_prompt(toy):
     other = find_groups(toy_net((8, 16, 10)), torch.rand(1, 3, 16, 16))
     with pytest.raises(CompressError, match="does not fit"):
         check_compatible(config, other, True, "src")
+
+
+def test_step_statistics_read_the_producers_weights_over_its_kept_channels_only(toy):
+    """M(i−1) ⊗ W(i): group 1 (conv2's outputs) is produced from group 0's channels; with group 0 masked,
+    each unit's L2 norm counts conv2's filter over the kept input channels only (plus its consumer columns)."""
+    module, groups = toy
+    net = module.net
+    stats = group_statistics(net, groups)
+    assert stats.producers(0) == [] and stats.producers(1) == [(0, 1.0)] and stats.producers(2) == [(1, 1.0)]
+    keep = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 0], requires_grad=True)
+    step = stats.step(1, [keep])
+    w2, w3 = net[3].weight.detach(), net[6].weight.detach()
+    sq = w2[:, keep.detach().bool()].pow(2).sum((1, 2, 3)) + w3.pow(2).sum((0, 2, 3))
+    l2 = sq.sqrt()
+    assert torch.allclose(step.share, l2 / l2.sum(), atol=1e-6)
+    everything = stats.step(1, [torch.ones(8)])
+    assert torch.allclose(everything.row, stats.stats[1]) and not torch.allclose(step.row, everything.row)
+    step.row.sum().backward()
+    assert keep.grad is not None and keep.grad.abs().sum() > 0             # the producer's mask gets gradient
+
+
+def test_resnet_steps_read_their_real_producer_not_the_previous_group():
+    net = create_model("resnet20", 10, 16)
+    groups = find_groups(net, torch.rand(1, 3, 16, 16))
+    stats = group_statistics(net, groups)
+    ids = [g.id for g in groups]
+    for i, gid in enumerate(ids):
+        if gid.startswith("layer1.") and gid.endswith("conv1"):   # every stage-1 block reads the stem's stream
+            assert [ids[p] for p, _ in stats.producers(i)] == ["conv1"], gid
+    assert ids[2] == "layer1.1.conv1" and ids[1] == "layer1.0.conv1"
+
+
+def test_saved_hypernet_of_the_list_order_version_is_refused(toy):
+    module, groups = toy
+    old = new_hypernet(groups, True, 0.5, PassOptions(hidden=16)).config.to_dict()
+    del old["version"]
+    with pytest.raises(CompressError, match="version 1 reads other step inputs"):
+        check_compatible(HypernetConfig.from_dict(old), groups, True, "src")
 
 
 # ---------------------------------------------------------------- through `compress prune`

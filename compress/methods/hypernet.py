@@ -6,9 +6,9 @@ a linear head emits channel logits; a straight-through binary mask cuts the laye
 
 Our choices where it is silent (docs/pass.md):
 - one step per channel *group* (coupled channels), in topological order, so residual coupling holds;
-- the step input is a fixed-length vector: sorted-quantile sketches of the group's per-unit L1 and L2
-  norms (each divided by its mean), mean/std of the group's weights, its width, depth fraction and
-  FLOPs share, plus an embedding of the previous group's mask;
+- the step input is a fixed-length vector of the group's weight statistics restricted to the input
+  channels its producing groups keep — M(i−1) ⊗ W(i) (compress/methods/pass_stats.py) — plus an
+  embedding of those producers' masks (the graph's real producers, not the previous step);
 - the per-group linear head gets one more term: per-unit features (normalised filter norm, consumer
   column norm, BN scale) weighted by a vector the LSTM emits. It ties logits to the channels' own
   weights rather than to channel indices — what lets a hypernetwork trained on one backbone be
@@ -18,8 +18,6 @@ Our choices where it is silent (docs/pass.md):
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,24 +25,16 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.methods.pass_stats import CHANNEL_FEATURES, STAT_DIM, GroupStats, backbone_fingerprint, group_statistics
 from compress.pruning.groups import ChannelGroup
 
-N_QUANTILES = 8
-STAT_DIM = 2 * N_QUANTILES + 6
-CHANNEL_FEATURES = 3
+__all__ = ["GroupStats", "HypernetConfig", "MaskHypernet", "backbone_fingerprint", "check_compatible",
+           "group_signature", "group_statistics", "prompt_tensor"]
+
 MASK_FEATURES = 4
-_MIXING = ("conv", "linear", "gconv")
-
-
-@dataclass
-class GroupStats:
-    """Everything the hypernetwork reads about a frozen backbone, computed once."""
-
-    ids: list[str]
-    widths: list[int]
-    stats: torch.Tensor                 # [G, STAT_DIM] step inputs
-    channel: list[torch.Tensor]         # per group [width, CHANNEL_FEATURES], z-scored within the group
-    norm_share: list[torch.Tensor]      # per group [width]: each unit's share of the group's L2 norm
+# 2: step inputs restricted to the producing groups' masks. Version 1 (list-order previous mask, dense
+# statistics) read different inputs with the same shapes, so its weights cannot be reused.
+HYPERNET_VERSION = 2
 
 
 @dataclass
@@ -58,6 +48,7 @@ class HypernetConfig:
     prompt_channels: int = 3
     use_prompt: bool = True
     backbone: str | None = None         # fingerprint of the weights it was trained on (backbone_fingerprint)
+    version: int = HYPERNET_VERSION     # what the step inputs mean (HYPERNET_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,95 +59,9 @@ class HypernetConfig:
             return cls(groups=[[str(i), int(w)] for i, w in d["groups"]], hidden=int(d["hidden"]),
                        mask_embed=int(d["mask_embed"]), encoder_channels=[int(c) for c in d["encoder_channels"]],
                        prompt_channels=int(d["prompt_channels"]), use_prompt=bool(d["use_prompt"]),
-                       backbone=d.get("backbone"))
+                       backbone=d.get("backbone"), version=int(d.get("version", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CompressError(f"hypernetwork config is malformed ({type(exc).__name__}: {exc})") from None
-
-
-# ---------------------------------------------------------------- weight statistics
-
-
-def group_statistics(net: nn.Module, groups: list[ChannelGroup]) -> GroupStats:
-    """Step inputs and per-unit features of every group of `net` (weights are only read)."""
-    per_group = [_unit_norms(net, g) for g in groups]
-    max_width = max((g.width for g in groups), default=1)
-    rows, channel, share = [], [], []
-    with torch.no_grad():
-        for g, n in zip(groups, per_group, strict=True):
-            l1, l2 = n["l1"], n["sq"].sqrt()
-            w_mean, w_std = n["sum"] / n["count"], (n["sumsq"] / n["count"] - (n["sum"] / n["count"]) ** 2).clamp_min(0)
-            w_std = w_std.sqrt()
-            rows.append(torch.cat([
-                _quantiles(l1 / l1.mean().clamp_min(1e-12)),
-                _quantiles(l2 / l2.mean().clamp_min(1e-12)),
-                torch.tensor([float(w_mean / w_std.clamp_min(1e-12)), math.log10(float(w_std) + 1e-12),
-                              math.log10(float(l2.mean()) + 1e-12), g.width / max_width, g.depth, g.flops_share]),
-            ]))
-            channel.append(torch.stack([_zscore(n["out"].sqrt()), _zscore(n["in"].sqrt()),
-                                        _zscore(n["gamma"])], dim=1))
-            share.append(l2 / l2.sum().clamp_min(1e-12))
-    stats = torch.stack(rows).float() if rows else torch.zeros(0, STAT_DIM)
-    return GroupStats([g.id for g in groups], [g.width for g in groups], stats,
-                      [c.float() for c in channel], [s.float() for s in share])
-
-
-def backbone_fingerprint(stats: GroupStats) -> str:
-    """A short hash of the statistics a hypernetwork reads: equal exactly when it sees the same backbone."""
-    h = hashlib.sha1()
-    for t in (stats.stats, *stats.channel):
-        h.update(t.to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _unit_norms(net: nn.Module, g: ChannelGroup) -> dict[str, torch.Tensor]:
-    """Per-unit L1 / squared-L2 over all coupled weights, split by producer ("out") and consumer ("in")
-    side, the mean |BN scale|, and running sums for the group's weight mean/std."""
-    w = g.width
-    acc = {k: torch.zeros(w, dtype=torch.float64) for k in ("l1", "sq", "out", "in", "gamma", "n_gamma")}
-    acc["sum"], acc["sumsq"], acc["count"] = torch.zeros((), dtype=torch.float64), torch.zeros(
-        (), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for m in g.items:
-        if m.layer == "param":
-            continue
-        mod = net.get_submodule(m.name)
-        weight = getattr(mod, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        weight = weight.detach().to(device="cpu", dtype=torch.float64)
-        if m.layer == "norm":
-            acc["gamma"].index_add_(0, m.unit, weight[m.idx].abs())
-            acc["n_gamma"].index_add_(0, m.unit, torch.ones(len(m.idx), dtype=torch.float64))
-            continue
-        if m.layer in _MIXING and m.side == "in":
-            if getattr(mod, "groups", 1) != 1:
-                continue  # a grouped conv's input channel meets only part of the weight: no clean column
-            rows = weight.transpose(0, 1)[m.idx].reshape(len(m.idx), -1)
-            side = "in"
-        else:  # producer rows (conv/linear outputs) and depthwise filters
-            rows = weight[m.idx].reshape(len(m.idx), -1)
-            side = "out"
-        sq = rows.pow(2).sum(1)
-        acc["l1"].index_add_(0, m.unit, rows.abs().sum(1))
-        acc["sq"].index_add_(0, m.unit, sq)
-        acc[side].index_add_(0, m.unit, sq)
-        acc["sum"] += rows.sum()
-        acc["sumsq"] += rows.pow(2).sum()
-        acc["count"] += rows.numel()
-    acc["gamma"] = acc["gamma"] / acc.pop("n_gamma").clamp_min(1)
-    acc["count"] = acc["count"].clamp_min(1)
-    return acc
-
-
-def _quantiles(x: torch.Tensor) -> torch.Tensor:
-    """Sorted-quantile sketch: N_QUANTILES evenly spaced quantiles (min … max) of any-length `x`."""
-    return torch.quantile(x.to(torch.float64), torch.linspace(0, 1, N_QUANTILES, dtype=torch.float64))
-
-
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    """Standardised log values within the group (0 where they do not vary, e.g. no BN)."""
-    v = x.clamp_min(1e-12).log()
-    std = v.std(unbiased=False) if v.numel() > 1 else v.new_zeros(())
-    return (v - v.mean()) / std if float(std) > 1e-6 else torch.zeros_like(v)
 
 
 # ---------------------------------------------------------------- networks
@@ -225,17 +130,16 @@ class MaskHypernet(nn.Module):
                 generator: torch.Generator | None = None) -> MaskSample:
         h, c = self.initial_state(prompt)
         dev = h.device
-        prev = torch.zeros(1, MASK_FEATURES, device=dev)
-        logits, probs, masks = [], [], []
+        logits, probs, masks, summaries = [], [], [], []
         for i, head in enumerate(self.heads):
-            x = torch.cat([stats.stats[i:i + 1].to(dev), self.mask_embed(prev)], dim=1)
+            step = stats.step(i, masks, dev)
+            x = torch.cat([step.row[None], self.mask_embed(_producer_summary(stats, i, summaries, dev))], dim=1)
             h, c = self.lstm(x, (h, c))
-            feats = stats.channel[i].to(dev)
-            logit = head(h)[0] + feats @ self.channel_gain(h)[0]
+            logit = head(h)[0] + step.channel @ self.channel_gain(h)[0]
             soft = torch.sigmoid((logit + _logistic_noise(logit, generator) if noise else logit) / tau)
             mask = StraightThrough.apply(soft)
-            share = stats.norm_share[i].to(dev)
-            prev = torch.stack([mask.mean(), soft.mean(), (mask * share).sum(), soft.std(unbiased=False)])[None]
+            summaries.append(torch.stack([mask.mean(), soft.mean(), (mask * step.share).sum(),
+                                          soft.std(unbiased=False)]))
             logits.append(logit)
             probs.append(soft)
             masks.append(mask)
@@ -257,6 +161,16 @@ class MaskHypernet(nn.Module):
         """Deterministic channel scores (logits, no noise) per group id: the input to global ranking."""
         out = self(prompt, stats, tau=1.0, noise=False)
         return {gid: lg.detach().cpu() for gid, lg in zip(stats.ids, out.logits, strict=True)}
+
+
+def _producer_summary(stats: GroupStats, i: int, summaries: list[torch.Tensor], dev) -> torch.Tensor:
+    """[1, MASK_FEATURES]: the masks of the groups that feed step `i` (kept share, mean keep probability,
+    kept share of L2 norm, spread), averaged by their share of the linked weights; zeros for a group fed
+    by no earlier group (e.g. the stem, which reads the image)."""
+    out = torch.zeros(MASK_FEATURES, device=dev)
+    for source, weight in stats.producers(i):
+        out = out + weight * summaries[source]
+    return out[None]
 
 
 class StraightThrough(torch.autograd.Function):
@@ -297,6 +211,9 @@ def group_signature(groups: list[ChannelGroup]) -> list[list]:
 def check_compatible(config: HypernetConfig, groups: list[ChannelGroup], use_prompt: bool, source: str) -> None:
     """A saved hypernetwork fits a backbone when its step sequence (group ids and widths, in order) is the
     same and it was trained with (or without) a prompt as this run is. Raises CompressError otherwise."""
+    if config.version != HYPERNET_VERSION:
+        raise CompressError(f"--hypernet-from {source}: hypernetwork version {config.version} reads other step inputs "
+                            f"than this version ({HYPERNET_VERSION}: producer-restricted statistics); train a new one")
     want = group_signature(groups)
     have = [list(x) for x in config.groups]
     if have != want:
