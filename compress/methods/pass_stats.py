@@ -157,7 +157,7 @@ def _producer_links(net: nn.Module, g: ChannelGroup, i: int, readers: dict) -> l
     for m in g.items:
         if m.layer not in ("conv", "linear") or m.side != "out":
             continue
-        weight = net.get_submodule(m.name).weight.detach().double()
+        weight = net.get_submodule(m.name).weight.detach().to(device="cpu", dtype=torch.float64)
         rows = weight[m.idx].reshape(len(m.idx), weight.shape[1], -1)        # [channels, inputs, kernel]
         for source, src_width, idx, unit in readers.get(m.name, []):
             if source >= i:
@@ -193,7 +193,7 @@ def _unit_norms(net: nn.Module, g: ChannelGroup) -> dict[str, torch.Tensor]:
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
-        weight = weight.detach().to(torch.float64)
+        weight = weight.detach().to(device="cpu", dtype=torch.float64)
         if m.layer == "norm":
             acc["gamma"].index_add_(0, m.unit, weight[m.idx].abs())
             acc["n_gamma"].index_add_(0, m.unit, torch.ones(len(m.idx), dtype=torch.float64))
