@@ -12,15 +12,7 @@ from compress.data import load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.loop import frozen
-from compress.methods.hypernet import (
-    HypernetConfig,
-    MaskHypernet,
-    backbone_fingerprint,
-    check_compatible,
-    group_signature,
-    group_statistics,
-    prompt_tensor,
-)
+from compress.methods.hypernet import HypernetConfig, MaskHypernet, check_compatible, group_signature, prompt_tensor
 from compress.methods.pass_ import (
     PassOptions,
     flops_penalty,
@@ -29,6 +21,7 @@ from compress.methods.pass_ import (
     search,
     temperature,
 )
+from compress.methods.pass_stats import backbone_fingerprint, group_statistics
 from compress.models import create_model
 from compress.prompt import make_prompt
 from compress.pruning.flops_model import FlopsModel

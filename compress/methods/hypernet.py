@@ -25,11 +25,8 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.methods.pass_stats import CHANNEL_FEATURES, STAT_DIM, GroupStats, backbone_fingerprint, group_statistics
+from compress.methods.pass_stats import CHANNEL_FEATURES, STAT_DIM, GroupStats
 from compress.pruning.groups import ChannelGroup
-
-__all__ = ["GroupStats", "HypernetConfig", "MaskHypernet", "backbone_fingerprint", "check_compatible",
-           "group_signature", "group_statistics", "prompt_tensor"]
 
 MASK_FEATURES = 4
 # 2: step inputs restricted to the producing groups' masks. Version 1 (list-order previous mask, dense

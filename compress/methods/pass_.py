@@ -26,16 +26,8 @@ from compress.errors import CompressError
 from compress.loop import Optim, Stage, StepOut, evaluate, run_stage
 from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, register
 from compress.methods.base import SearchResult as MethodResult
-from compress.methods.hypernet import (
-    GroupStats,
-    HypernetConfig,
-    MaskHypernet,
-    backbone_fingerprint,
-    check_compatible,
-    group_signature,
-    group_statistics,
-    prompt_tensor,
-)
+from compress.methods.hypernet import HypernetConfig, MaskHypernet, check_compatible, group_signature, prompt_tensor
+from compress.methods.pass_stats import GroupStats, backbone_fingerprint, group_statistics
 from compress.prompt import install_prompt, prompt_spec
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.gates import Gates
