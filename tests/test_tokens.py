@@ -303,3 +303,20 @@ def test_index_agreement_counts_disagreeing_samples():
     assert index_agreement(lambda x: a, lambda x: a, batches) == 1.0
     assert index_agreement(lambda x: a, lambda x: b, batches) == pytest.approx(1 / 3)
     assert index_agreement(lambda x: a, lambda x: b, [(np.zeros((3, 1)), 1)]) == 1.0   # padding rows ignored
+
+
+def test_kept_patch_picture_matches_the_kept_indices(tmp_path):
+    from compress.tokens.figure import kept_pixel_masks, plot_kept_patches
+
+    model = sparsify(_tiny_vit(), 0.5, stages=[1, 2])
+    module = DeployableModule(model, [0.5] * 3, [0.25] * 3, input_size=(3, 16, 16)).eval()
+    masks = kept_pixel_masks(module, _x(2))
+    with torch.no_grad(), returning_indices(module):
+        _logits, kept1, _kept2 = module(_x(2))
+    assert [m.shape for m in masks] == [(2, 16, 16)] * 2
+    assert [int(m[0].sum()) for m in masks] == [8 * 16, 4 * 16]           # kept patches × 4×4 px
+    row, col = divmod(int(kept1[0, 0]), 4)
+    assert bool(masks[0][0, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4].all())
+    assert bool((masks[1] <= masks[0]).all())                               # a dropped patch stays dropped
+    out = plot_kept_patches(module, _x(2), tmp_path / "kept.png", titles=["a", "b"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

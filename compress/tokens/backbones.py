@@ -37,6 +37,11 @@ class TorchvisionViT:
     def embed_dim(self, net) -> int:
         return net.hidden_dim
 
+    def patch_grid(self, net) -> tuple[int, int, int]:
+        """(rows, columns, patch size in px) of the patch tokens."""
+        side = net.image_size // net.patch_size
+        return side, side, net.patch_size
+
     def blocks(self, net) -> list[nn.Module]:
         return list(net.encoder.layers)
 
@@ -74,6 +79,10 @@ class TimmViT:
 
     def embed_dim(self, net) -> int:
         return int(net.embed_dim)
+
+    def patch_grid(self, net) -> tuple[int, int, int]:
+        rows, cols = net.patch_embed.grid_size
+        return int(rows), int(cols), int(net.patch_embed.patch_size[0])
 
     def blocks(self, net) -> list[nn.Module]:
         return list(net.blocks)
