@@ -135,6 +135,20 @@ def eval_cmd(run_dir: str, data: str, split: str, **kw) -> None:
                    f"params {r['params']:,}")
 
 
+def _token_flags(fn):
+    """--token-keep and the other DynamicViT flags (declared in compress/tokens/training.py)."""
+    from compress.tokens.training import TOKEN_FLAGS
+
+    for flag, _field, kind, text in reversed(TOKEN_FLAGS):
+        fn = click.option(flag, _dest(flag), type=click.Choice(kind) if isinstance(kind, tuple) else kind,
+                          help=text)(fn)
+    return fn
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def _method_flags(fn):
     """Add every registered method's own flags (declared next to the method in compress/methods/)."""
     from compress.methods import METHODS, all_options
@@ -158,8 +172,10 @@ def _method_flags(fn):
 @click.option("--weights", help="torchvision weights enum for --model (needs internet).")
 @click.option("--image-size", type=int, help="Input size for --model (default: the dataset's own).")
 @click.option("--data", required=True, help=DATA_HELP)
-@click.option("--method", required=True, help="l1 | depgraph | random | vpns | pass (every registered method).")
-@click.option("--flops-ratio", required=True, type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1].")
+@click.option("--method", required=True, help="l1 | depgraph | random | vpns | pass | dynamicvit (every registered "
+              "method).")
+@click.option("--flops-ratio", type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1] (the whole module's, "
+              "tokens included); not with --method dynamicvit, whose FLOPs follow from --token-keep.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory to write (replaced if it is a run).")
 @click.option("--scope", type=click.Choice(["global", "local"]), default="global", show_default=True,
               help="Rank units across groups (global) or keep one ratio per group (local).")
@@ -174,6 +190,7 @@ def _method_flags(fn):
               help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
 @resume_option
 @runtime_options
+@_token_flags
 @_method_flags
 @click.pass_context
 @handle_errors
@@ -189,10 +206,13 @@ def prune(ctx: click.Context, **kw) -> None:
     from compress.pipeline import prune_run
     from compress.pruning.summary import print_prune
     from compress.runtime import current
+    from compress.tokens.training import TOKEN_FLAGS, token_options
 
     _configure(kw)
 
     method = get_method(kw["method"])
+    tokens = token_options({field: kw.pop(_dest(flag)) for flag, field, _kind, _help in TOKEN_FLAGS},
+                           implied=not method.prunes_channels)
     declared = {o.dest for o in method.options}
     options = {}
     for _owner, opt in all_options():
@@ -203,7 +223,7 @@ def prune(ctx: click.Context, **kw) -> None:
             raise CompressError(f"{opt.flag} does not apply to method {kw['method']}")
     out = kw.pop("out")
     report = prune_run(out, flops_ratio=kw.pop("flops_ratio"), method=kw.pop("method"), data=kw.pop("data"),
-                       method_options=options, **kw)
+                       method_options=options, tokens=tokens, **kw)
     if current().is_main:
         print_prune(out, report)
 

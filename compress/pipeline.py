@@ -5,6 +5,12 @@ with real fvcore on the slimmed deployable module) → slim → BN statistics re
 before fine-tuning → fine-tune (weights and prompt) → run directory with model.json "layers"/"widths",
 weights-only model.pt and report.json (design.md keys, per-stage wall times).
 
+With token sparsification (`tokens`, compress/tokens; docs/tokens.md) a ViT also gets DynamicViT
+prediction modules, trained by the DynamicViT stage against the dense parent — after the channel
+pruning and fine-tuning (order "after"), or before the channel search (order "before", the search then
+sees the token-sparse network). The FLOPs target is then the whole module's, at its real token counts.
+`--method dynamicvit` prunes tokens only (no channel target).
+
 Every training-like step runs through the shared loop (compress/loop.py) on the configured runtime
 (device, precision, torchrun ranks); the search result and every epoch are checkpointed beside --out,
 so `resume=True` continues an interrupted run and ends with the same weights and report.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +39,31 @@ from compress.pruning.structure import layer_spec, widths
 from compress.pruning.target import SCOPES, check_ratio, mask_overlap, select_masks, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
+from compress.tokens import TokenSparseViT, backbone_of, sparsify, token_spec
+from compress.tokens.training import TokenOptions, frozen_predictors, train_tokens
+from compress.tokens.training import check_model as check_token_model
 
 RATIO_TOLERANCE = 0.02
 BN_RECALIBRATION_IMAGES = BN_IMAGES
 CALIBRATION_ROUNDS = 4
 
 
-def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, source: str | Path | None = None,
+def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | None, source: str | Path | None = None,
               model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
               image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
               seed: int = 0, lr: float = 0.05, batch_size: int = 128, weight_decay: float = 5e-4,
               subset: int | None = None, method_options: dict[str, Any] | None = None,
-              bn_recalibration: bool = True, resume: bool | str = False) -> dict[str, Any]:
+              bn_recalibration: bool = True, resume: bool | str = False,
+              tokens: TokenOptions | None = None) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
+
+    `flops_ratio` None (only with token sparsification): no channel is pruned.
 
     Returns report.json's content. Bad input raises CompressError before any output is written; an
     interruption raises `compress.checkpoint.Interrupted` with progress kept for `resume=True`.
     """
     method_cls = get_method(method)
+    tokens = _check_tokens(method_cls, flops_ratio, tokens)
     _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size)
     method_obj = method_cls(**(method_options or {}))
     settings = {"command": "prune", "data": data, "method": method, "flops_ratio": flops_ratio,
@@ -58,7 +72,7 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float, so
                 "finetune_epochs": finetune_epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
                 "weight_decay": weight_decay, "subset": subset, "method_options": method_obj.config,
                 "bn_recalibration": bn_recalibration, "precision": current().precision,
-                "world_size": current().world_size}
+                "world_size": current().world_size, "tokens": asdict(tokens) if tokens else None}
     progress = Checkpoint(out, settings, resume=resume)
     with interruptible(progress):
         report = _prune(out, progress, method_obj, settings)
@@ -76,54 +90,37 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     module, spec, bundle = _load_source(s["source"], s["model"], s["checkpoint"], s["weights"], s["data"],
                                         s["image_size"], s["subset"], s["seed"])
     rt.place(module)
+    tokens = TokenOptions(**s["tokens"]) if s["tokens"] else None
+    if tokens:
+        check_token_model(module.net, tokens)
     input_size = tuple(module.input_size)
     dense = {"flops": count_flops(module, input_size), "params": count_params(module),
              "accuracy": evaluate(module, bundle.val)}
     watch.lap("dense", start)
-
-    start = time.perf_counter()
-    groups = find_groups(module.net, module.normalize(module.example_input(1)))
-    flops_model = groups[0].graph.flops_model if groups else None
-    lowest = smallest_ratio(groups, flops_model, s["round_to"])
-    if s["flops_ratio"] < lowest - RATIO_TOLERANCE:
-        raise CompressError(f"--flops-ratio {s['flops_ratio']} is unreachable for {spec['model']} with --round-to "
-                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
-                            "width)")
-    watch.lap("groups", start)
-
-    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,
-                       flops_ratio=s["flops_ratio"], scope=s["scope"], round_to=s["round_to"], seed=s["seed"],
-                       lr=s["lr"], batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress)
-    start = time.perf_counter()
-    result = _search(method_obj, ctx, progress)
-    watch.lap("search", start)
-
-    start = time.perf_counter()
-    masks, estimate = _choose_masks(module, groups, result, s["flops_ratio"], s["scope"], s["round_to"],
-                                    dense["flops"])
-    digests = rt.assert_same("the final keep-masks", masks)
-    watch.lap("target", start)
-
-    start = time.perf_counter()
-    slim(module.net, groups, masks)
+    teacher = copy.deepcopy(module).eval() if tokens else None      # the dense parent, for distillation
+    token_records = {}
+    if tokens and tokens.order == "before":
+        start = time.perf_counter()
+        token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
+                                                   progress)
+        watch.lap("tokens", start)
+    if s["flops_ratio"] is None:         # tokens only: no channel is pruned
+        groups, masks, estimate, digests, result, ctx = [], {}, 1.0, [], SearchResult(), None
+        accuracy_slimmed = accuracy_before = dense["accuracy"]
+        history = []
+    else:
+        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before,
+         history) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens)
+    if tokens and tokens.order == "after":
+        start = time.perf_counter()
+        token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
+                                                   progress)
+        watch.lap("tokens", start)
     flops = count_flops(module, input_size)
-    watch.lap("slim", start)
     achieved = flops / dense["flops"]
-
-    start = time.perf_counter()
-    accuracy_slimmed = evaluate(module, bundle.val)
-    if s["bn_recalibration"]:
-        reestimate_bn(module, bundle.train, s["batch_size"])
-    accuracy_before = evaluate(module, bundle.val) if s["bn_recalibration"] else accuracy_slimmed
-    history = []
-    if s["finetune_epochs"]:
-        stage = Fit("fine-tune", s["finetune_epochs"], s["lr"], s["weight_decay"])
-        history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
-                            checkpoint=progress).history
     accuracy = evaluate(module, bundle.val)
-    watch.lap("finetune", start)
 
-    new_spec = _pruned_spec(module, spec, bundle, result)
+    new_spec = _pruned_spec(module, spec, bundle, result, tokens)
     report = {
         "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": s["seed"],
         "input_size": list(input_size), "accuracy": accuracy, "flops": flops, "params": count_params(module),
@@ -138,9 +135,10 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
         "mask_digests": digests, "resumed": progress.resumed,
         "groups": len(groups), "groups_pruned": sum(1 for g in groups if not bool(masks[g.id].all())),
         "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
-        "search": result.stages, **({"method_report": ctx.report} if ctx.report else {}),
+        "search": result.stages, **({"method_report": ctx.report} if ctx is not None and ctx.report else {}),
         "mask_overlap": mask_overlap(result.initial_masks, masks) if result.initial_masks is not None else None,
         "finetune_history": history,
+        **({"tokens": {**s["tokens"], **new_spec["tokens"], "training": token_records}} if tokens else {}),
     }
     start = time.perf_counter()
     from compress.runs import write_run
@@ -152,6 +150,70 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     rt.barrier()
     watch.lap("write", start)
     return report
+
+
+def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
+                    progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None) -> tuple:
+    """Groups → method search → masks on target → slim → BN re-estimation → fine-tune, on the ViT
+    inside a token-sparse module when there is one (its prediction modules stay as they are)."""
+    rt = current()
+    start = time.perf_counter()
+    net = backbone_of(module.net)
+    groups = find_groups(net, module.normalize(module.example_input(1)))
+    flops_model = groups[0].graph.flops_model if groups else None
+    lowest = smallest_ratio(groups, flops_model, s["round_to"])
+    if tokens is None and s["flops_ratio"] < lowest - RATIO_TOLERANCE:
+        raise CompressError(f"--flops-ratio {s['flops_ratio']} is unreachable for {spec['model']} with --round-to "
+                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
+                            "width)")
+    watch.lap("groups", start)
+
+    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,
+                       flops_ratio=s["flops_ratio"], scope=s["scope"], round_to=s["round_to"], seed=s["seed"],
+                       lr=s["lr"], batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress)
+    start = time.perf_counter()
+    result = _search(method_obj, ctx, progress)
+    watch.lap("search", start)
+
+    start = time.perf_counter()
+    masks, estimate = _choose_masks(module, groups, result, s["flops_ratio"], s["scope"], s["round_to"],
+                                    dense["flops"], tokens)
+    digests = rt.assert_same("the final keep-masks", masks)
+    watch.lap("target", start)
+
+    start = time.perf_counter()
+    slim(net, groups, masks)
+    watch.lap("slim", start)
+
+    start = time.perf_counter()
+    accuracy_slimmed = evaluate(module, bundle.val)
+    if s["bn_recalibration"]:
+        reestimate_bn(module, bundle.train, s["batch_size"])
+    accuracy_before = evaluate(module, bundle.val) if s["bn_recalibration"] else accuracy_slimmed
+    history = []
+    if s["finetune_epochs"]:
+        stage = Fit("fine-tune", s["finetune_epochs"], s["lr"], s["weight_decay"])
+        with frozen_predictors(module):   # a token-sparse network fine-tunes with its kept tokens as predicted
+            history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
+                                checkpoint=progress).history
+    watch.lap("finetune", start)
+    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history
+
+
+def _check_tokens(method_cls, flops_ratio: float | None, tokens: TokenOptions | None) -> TokenOptions | None:
+    """Token options are validated before any work; a method that prunes no channels (dynamicvit) has no
+    channel target and gets the default token options."""
+    if not method_cls.prunes_channels:
+        if flops_ratio is not None:
+            raise CompressError(f"--method {method_cls.name} prunes tokens only and takes no --flops-ratio (it "
+                                "follows from --token-keep); for channels and tokens use a channel method "
+                                "with --token-keep")
+        tokens = tokens or TokenOptions()
+    elif flops_ratio is None:
+        raise CompressError(f"--method {method_cls.name} needs --flops-ratio")
+    if tokens is not None:
+        tokens.check()
+    return tokens
 
 
 def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult:
@@ -184,7 +246,8 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
 
 def _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size) -> None:
     """Everything that can be refused before any work is done."""
-    check_ratio(flops_ratio)
+    if flops_ratio is not None:
+        check_ratio(flops_ratio)
     if scope not in SCOPES:
         raise CompressError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if round_to < 1:
@@ -226,16 +289,22 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
                        checkpoint=checkpoint)
 
 
-def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int) -> float:
-    """fvcore FLOPs ratio of `module` slimmed by `masks`, measured on a copy (module is untouched)."""
+def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int,
+               tokens: TokenOptions | None = None) -> float:
+    """fvcore FLOPs ratio of `module` slimmed by `masks`, measured on a copy (module is untouched); with
+    `tokens`, at the token counts the module will have (prediction modules added if not there yet)."""
     trial = copy.deepcopy(module)
     example = trial.normalize(trial.example_input(1))
-    slim(trial.net, find_groups(trial.net, example), masks)
+    net = backbone_of(trial.net)
+    slim(net, find_groups(net, example), masks)
+    if tokens is not None and not isinstance(trial.net, TokenSparseViT):
+        trial.net = sparsify(trial.net, tokens.keep_ratio, tokens.stages)
     return count_flops(trial, tuple(trial.input_size)) / dense_flops
 
 
 def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: SearchResult, flops_ratio: float,
-                  scope: str, round_to: int, dense_flops: int) -> tuple[dict[str, torch.Tensor], float]:
+                  scope: str, round_to: int, dense_flops: int, tokens: TokenOptions | None = None
+                  ) -> tuple[dict[str, torch.Tensor], float]:
     """Masks for the target; returns them and the FLOPs model's estimate of their ratio.
 
     The FLOPs model is exact for most layers; where it is not (ops it cannot attribute, a prompt's
@@ -259,10 +328,10 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
         masks = select_masks(result.scores, groups, model, aim, scope=scope, round_to=round_to,
                              normalize=result.normalize)
         estimate = model.ratio_of_masks(masks)
-        real = real_ratio(module, masks, dense_flops)
+        real = real_ratio(module, masks, dense_flops, tokens)
         if abs(real - flops_ratio) < best_err:
             best, best_err = (masks, estimate), abs(real - flops_ratio)
-        if best_err <= RATIO_TOLERANCE / 4 or abs(real - estimate) < 1e-3:
+        if best_err <= RATIO_TOLERANCE / 4 or (tokens is None and abs(real - estimate) < 1e-3):
             break   # on target, or the model was exact and only round-to granularity is left
         aim = min(1.0, max(1e-6, aim + (flops_ratio - real)))
     return best
@@ -283,19 +352,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _ratio_note(achieved: float, target: float, round_to: int) -> str:
+def _ratio_note(achieved: float, target: float | None, round_to: int) -> str:
+    if target is None:
+        return "no channel target: the ratio follows from --token-keep"
     if abs(achieved - target) <= RATIO_TOLERANCE:
         return f"within ±{RATIO_TOLERANCE} of the target"
     return f"closest ratio the group widths allow with --round-to {round_to}"
 
 
 def _pruned_spec(module: DeployableModule, spec: dict[str, Any], bundle: DataBundle,
-                 result: SearchResult) -> dict[str, Any]:
+                 result: SearchResult, tokens: TokenOptions | None = None) -> dict[str, Any]:
     """model.json of the slimmed module, checked by rebuilding it and loading its weights."""
-    dense_spec = {**spec, "layers": {}, "prompt": None}
+    dense_spec = {**spec, "layers": {}, "prompt": None, "tokens": None}
     reference = build_module(dense_spec).net
-    new_spec = {**spec, "data": bundle.spec, "layers": layer_spec(module.net, reference),
-                "widths": widths(module.net)}
+    net = backbone_of(module.net)
+    new_spec = {**spec, "data": bundle.spec, "layers": layer_spec(net, reference), "widths": widths(net)}
+    if tokens is not None:
+        new_spec["tokens"] = token_spec(module.net, tokens.keep_ratio)
     if result.prompt_spec is not None:
         new_spec["prompt"] = result.prompt_spec
     rebuilt = build_module(new_spec)

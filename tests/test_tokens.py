@@ -320,3 +320,36 @@ def test_kept_patch_picture_matches_the_kept_indices(tmp_path):
     assert bool((masks[1] <= masks[0]).all())                               # a dropped patch stays dropped
     out = plot_kept_patches(module, _x(2), tmp_path / "kept.png", titles=["a", "b"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ the training stage (shared loop)
+
+
+def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
+    from compress.data import load_data
+    from compress.loop import run_stage
+    from compress.tokens.training import DynamicViTStage, TokenOptions
+
+    bundle = load_data("synthetic:80", image_size=16)
+    net = VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)
+    dense = DeployableModule(net, bundle.mean, bundle.std, input_size=(3, 16, 16))
+    module = copy.deepcopy(dense)
+    module.net = sparsify(module.net, 0.7)
+    start = copy.deepcopy(module.state_dict())
+    options = TokenOptions(epochs=2, freeze_epochs=1, lr=1e-2)
+
+    def changed(state, prefix):
+        return {k for k, v in module.state_dict().items() if k.startswith(prefix) and not torch.equal(v, state[k])}
+
+    one = DynamicViTStage(dense, TokenOptions(epochs=1, freeze_epochs=1, lr=1e-2), seed=0)
+    record = run_stage(module, bundle, one, batch_size=32, seed=0)
+    assert changed(start, "net.predictors") and not changed(start, "net.backbone")      # backbone frozen at first
+    assert {"keep1", "keep2", "keep3", "ratio", "kl", "token_mse"} <= set(record.history[0])
+    assert not module.net.sparse_training and not module.training                     # deployable again
+    module.load_state_dict(start)
+    stage = DynamicViTStage(dense, options, seed=0)
+    run_stage(module, bundle, stage, batch_size=32, seed=0)
+    moved = changed(start, "net.backbone")
+    assert moved and not any(k.endswith(("class_token", "pos_embedding")) for k in moved)
+    assert stage._backbone.param_groups[0]["lr"] == pytest.approx(1e-4)                 # 1/100 of the predictors'

@@ -108,6 +108,7 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[tuple[MethodOption, ...]] = ()
+    prunes_channels: ClassVar[bool] = True      # False: no channel target (dynamicvit prunes tokens only)
 
     def __init__(self, **options: Any):
         known = {o.dest: o for o in self.options}
