@@ -176,6 +176,18 @@ def _method_flags(fn):
               "method).")
 @click.option("--flops-ratio", type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1] (the whole module's, "
               "tokens included); not with --method dynamicvit, whose FLOPs follow from --token-keep.")
+@click.option("--latency-ratio", type=float, help="Or: pruned ÷ dense latency measured on the target "
+              "(--latency-backend/-threads/-batch-size), in (0, 1]. Exclusive with --flops-ratio.")
+@click.option("--latency-backend", help="Where --latency-ratio is measured: onnxruntime (ort), torch, torch-cuda, "
+              "tensorrt  [default: onnxruntime]")
+@click.option("--latency-threads", type=int, help="CPU threads of the latency target  [default: physical cores]")
+@click.option("--latency-batch-size", type=int, help="Batch size of the latency target  [default: 1]")
+@click.option("--latency-clock", type=click.Choice(["wall", "cpu"]), help="How CPU latency is timed (cpu: the "
+              "calling thread's CPU time, one thread only; immune to other processes)  [default: wall]")
+@click.option("--latency-cache", type=click.Path(), help="Latency table cache  [default: as compress latency-table]")
+@click.option("--allocation", type=click.Choice(["rank", "knapsack"]), help="How widths are allocated: rank (remove "
+              "the globally least important units) or knapsack (the most important compute within the budget)  "
+              "[default: rank for --flops-ratio, knapsack for --latency-ratio]")
 @click.option("--out", required=True, type=click.Path(), help="Run directory to write (replaced if it is a run).")
 @click.option("--scope", type=click.Choice(["global", "local"]), default="global", show_default=True,
               help="Rank units across groups (global) or keep one ratio per group (local).")
@@ -195,7 +207,12 @@ def _method_flags(fn):
 @click.pass_context
 @handle_errors
 def prune(ctx: click.Context, **kw) -> None:
-    """Prune channels structurally to a FLOPs ratio, slim, fine-tune, and write a run directory.
+    """Prune channels structurally to a FLOPs ratio or a measured latency ratio, slim, fine-tune, and write a
+    run directory.
+
+    --latency-ratio measures per-layer latency tables on the target once (cached; see
+    `compress latency-table`), allocates widths by importance under that budget, and confirms the slimmed
+    model by timing it against the dense one on the target.
 
     Every training-like step (the method's search, fine-tuning) runs on --device, or under torchrun on
     several (DDP; masks are checked identical on every rank). Checkpointed per epoch: Ctrl-C or SIGTERM
@@ -222,8 +239,8 @@ def prune(ctx: click.Context, **kw) -> None:
         elif ctx.get_parameter_source(opt.dest) != ParameterSource.DEFAULT:
             raise CompressError(f"{opt.flag} does not apply to method {kw['method']}")
     out = kw.pop("out")
-    report = prune_run(out, flops_ratio=kw.pop("flops_ratio"), method=kw.pop("method"), data=kw.pop("data"),
-                       method_options=options, tokens=tokens, **kw)
+    report = prune_run(out, method=kw.pop("method"), data=kw.pop("data"), method_options=options, tokens=tokens,
+                       **kw)
     if current().is_main:
         print_prune(out, report)
 
@@ -394,6 +411,50 @@ def latency_table(**kw) -> None:
     from bench.lut_command import latency_table_command
 
     latency_table_command(**kw)
+
+
+
+@main.command("latency-study", context_settings=CONTEXT)
+@click.option("--parts", default="budget,capacity", show_default=True, help="Which experiments: budget, capacity.")
+@click.option("--budget-models", default=",".join(("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf",
+                                                   "convnext_tiny")), show_default=True)
+@click.option("--ratios", default="0.5,0.3", show_default=True, help="--latency-ratio targets of the budget part.")
+@click.option("--capacity-models", default=",".join(("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf",
+                                                     "convnext_tiny", "resnet18", "densenet121",
+                                                     "mobilenet_v3_small")), show_default=True)
+@click.option("--flops-ratio", default=0.26, show_default=True, type=float,
+              help="The FLOPs-targeted networks of the capacity part.")
+@click.option("--threads", default="2,1", show_default=True,
+              help="ONNX Runtime threads: the first for the budget part and the headline capacity figures.")
+@click.option("--image-size", default=224, show_default=True, type=int)
+@click.option("--bench-duration", default=3.0, show_default=True, type=float,
+              help="Seconds measured per model in each `compress bench`.")
+@click.option("--work", default="runs/latency", show_default=True, type=click.Path())
+@click.option("--docs", default="docs", show_default=True, type=click.Path(),
+              help="Where latency.md (generated blocks) and latency.json are written.")
+@click.option("--cache-dir", type=click.Path(), help="Latency table cache  [default: as compress latency-table]")
+@click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
+@handle_errors
+def latency_study(**kw) -> None:
+    """Run the latency-budget acceptance experiments and write docs/latency.md and docs/latency.json.
+
+    budget: prune each model with --latency-ratio R and measure the result with `compress bench`.
+    capacity: at the latency a --flops-ratio prune reaches, compare it with a --latency-ratio prune
+    (FLOPs kept, speedup fidelity). Needs a quiet machine: the figures are wall-clock latencies.
+    """
+    from compress.latency_study import LatencyStudyConfig, run_latency_study
+    from compress.study import parse_list
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    config = LatencyStudyConfig(parts=names(kw["parts"]), budget_models=names(kw["budget_models"]),
+                                ratios=parse_list(kw["ratios"]), capacity_models=names(kw["capacity_models"]),
+                                flops_ratio=kw["flops_ratio"], threads=parse_list(kw["threads"], int),
+                                image_size=kw["image_size"], bench_duration=kw["bench_duration"], work=kw["work"],
+                                docs=kw["docs"], cache_dir=kw["cache_dir"], fresh=kw["fresh"])
+    results = run_latency_study(config)
+    click.echo(f"wrote {config.docs}/latency.md and latency.json ({results['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`compress prune` as a library call: the pipeline every pruning method shares.
 
-dense accuracy/FLOPs → channel groups → method search → masks hitting the FLOPs target (confirmed
-with real fvcore on the slimmed deployable module) → slim → BN statistics re-estimated → accuracy
+dense accuracy/FLOPs → channel groups → the target's cost model (FLOPs, or latency tables measured on
+the target backend: compress/budget.py) → method search → masks hitting the target (confirmed with
+real fvcore, or by timing the slimmed deployable module against the dense one on the target) → slim
+→ (latency target: the slim model measured on the target) → BN statistics re-estimated → accuracy
 before fine-tuning → fine-tune (weights and prompt) → run directory with model.json "layers"/"widths",
 weights-only model.pt and report.json (design.md keys, per-stage wall times).
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from compress.budget import Budget, Meter, slimmed_copy
 from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng, snapshot
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
@@ -36,7 +39,7 @@ from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, widths
-from compress.pruning.target import SCOPES, check_ratio, mask_overlap, select_masks, smallest_ratio
+from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, masks_of_counts, select_counts, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
 from compress.tokens import TokenSparseViT, backbone_of, sparsify, token_spec
@@ -48,25 +51,36 @@ BN_RECALIBRATION_IMAGES = BN_IMAGES
 CALIBRATION_ROUNDS = 4
 
 
-def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | None, source: str | Path | None = None,
-              model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
-              image_size: int | None = None, scope: str = "global", round_to: int = 8, finetune_epochs: int = 5,
-              seed: int = 0, lr: float = 0.05, batch_size: int = 128, weight_decay: float = 5e-4,
-              subset: int | None = None, method_options: dict[str, Any] | None = None,
+def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | None = None,
+              latency_ratio: float | None = None, latency_backend: str | None = None,
+              latency_threads: int | None = None, latency_batch_size: int | None = None,
+              latency_clock: str | None = None, latency_cache: str | None = None, allocation: str | None = None,
+              source: str | Path | None = None, model: str | None = None, checkpoint: str | None = None,
+              weights: str | None = None, image_size: int | None = None, scope: str = "global", round_to: int = 8,
+              finetune_epochs: int = 5, seed: int = 0, lr: float = 0.05, batch_size: int = 128,
+              weight_decay: float = 5e-4, subset: int | None = None, method_options: dict[str, Any] | None = None,
               bn_recalibration: bool = True, resume: bool | str = False,
               tokens: TokenOptions | None = None) -> dict[str, Any]:
-    """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
+    """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) to `flops_ratio`, or to
+    `latency_ratio` measured on `latency_backend` (threads, batch size, clock), and write run `out`.
+    `allocation` is "rank" or "knapsack" (default: rank for a FLOPs target, knapsack for latency).
 
-    `flops_ratio` None (only with token sparsification): no channel is pruned.
+    Neither ratio (only with token sparsification): no channel is pruned.
 
     Returns report.json's content. Bad input raises CompressError before any output is written; an
     interruption raises `compress.checkpoint.Interrupted` with progress kept for `resume=True`.
     """
     method_cls = get_method(method)
-    tokens = _check_tokens(method_cls, flops_ratio, tokens)
-    _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size)
+    tokens = _check_tokens(method_cls, flops_ratio, latency_ratio, tokens)
+    budget = None
+    if method_cls.prunes_channels:
+        budget = Budget.from_flags(flops_ratio, latency_ratio, backend=latency_backend, threads=latency_threads,
+                                   batch_size=latency_batch_size, clock=latency_clock, cache_dir=latency_cache)
+    allocation = allocation or (budget.allocation if budget else "rank")
+    _check_inputs(out, source, model, budget, scope, round_to, finetune_epochs, lr, batch_size, allocation)
     method_obj = method_cls(**(method_options or {}))
-    settings = {"command": "prune", "data": data, "method": method, "flops_ratio": flops_ratio,
+    settings = {"command": "prune", "data": data, "method": method,
+                "budget": asdict(budget) if budget else None, "allocation": allocation,
                 "source": str(source) if source is not None else None, "model": model, "checkpoint": checkpoint,
                 "weights": weights, "image_size": image_size, "scope": scope, "round_to": round_to,
                 "finetune_epochs": finetune_epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
@@ -104,13 +118,14 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
                                                    progress)
         watch.lap("tokens", start)
-    if s["flops_ratio"] is None:         # tokens only: no channel is pruned
+    budget = Budget(**s["budget"]) if s["budget"] else None
+    if budget is None:                   # tokens only: no channel is pruned
         groups, masks, estimate, digests, result, ctx = [], {}, 1.0, [], SearchResult(), None
         accuracy_slimmed = accuracy_before = dense["accuracy"]
-        history = []
+        history, target = [], {}
     else:
-        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before,
-         history) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens)
+        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history,
+         target) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens, budget)
     if tokens and tokens.order == "after":
         start = time.perf_counter()
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
@@ -121,14 +136,17 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     accuracy = evaluate(module, bundle.val)
 
     new_spec = _pruned_spec(module, spec, bundle, result, tokens)
+    flops_target = budget.ratio if budget is not None and budget.kind == "flops" else None
     report = {
         "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": s["seed"],
         "input_size": list(input_size), "accuracy": accuracy, "flops": flops, "params": count_params(module),
-        "method": s["method"], "flops_ratio_target": s["flops_ratio"], "flops_ratio": round(achieved, 6),
+        "method": s["method"], "flops_ratio_target": flops_target, "flops_ratio": round(achieved, 6),
         "dense": dense, "accuracy_before_finetune": accuracy_before, "widths": new_spec["widths"],
         "accuracy_slimmed": accuracy_slimmed, "bn_recalibration": s["bn_recalibration"],
-        "flops_ratio_estimate": round(estimate, 6),
-        "flops_ratio_note": _ratio_note(achieved, s["flops_ratio"], s["round_to"]),
+        **({} if budget is not None and budget.kind == "latency" else {
+            "flops_ratio_estimate": round(estimate, 6),
+            "flops_ratio_note": _ratio_note(achieved, flops_target, s["round_to"])}),
+        "target": budget.kind if budget else None, "allocation": s["allocation"], **target,
         "scope": s["scope"], "round_to": s["round_to"], "finetune_epochs": s["finetune_epochs"], "lr": s["lr"],
         "batch_size": s["batch_size"], "weight_decay": s["weight_decay"], "subset": s["subset"],
         "source": s["source"], "method_options": method_obj.config, **rt.describe(),
@@ -153,37 +171,27 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
 
 
 def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
-                    progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None) -> tuple:
-    """Groups → method search → masks on target → slim → BN re-estimation → fine-tune, on the ViT
-    inside a token-sparse module when there is one (its prediction modules stay as they are)."""
-    rt = current()
+                    progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None,
+                    budget: Budget) -> tuple:
+    """Groups → the target's cost model → method search → masks on target → slim → (latency: measured)
+    → BN re-estimation → fine-tune, on the ViT inside a token-sparse module when there is one (its
+    prediction modules stay as they are). The meter holds the latency target's scratch directory."""
     start = time.perf_counter()
     net = backbone_of(module.net)
     groups = find_groups(net, module.normalize(module.example_input(1)))
-    flops_model = groups[0].graph.flops_model if groups else None
-    lowest = smallest_ratio(groups, flops_model, s["round_to"])
-    if tokens is None and s["flops_ratio"] < lowest - RATIO_TOLERANCE:
-        raise CompressError(f"--flops-ratio {s['flops_ratio']} is unreachable for {spec['model']} with --round-to "
-                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
-                            "width)")
     watch.lap("groups", start)
-
-    ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,
-                       flops_ratio=s["flops_ratio"], scope=s["scope"], round_to=s["round_to"], seed=s["seed"],
-                       lr=s["lr"], batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress)
     start = time.perf_counter()
-    result = _search(method_obj, ctx, progress)
-    watch.lap("search", start)
-
-    start = time.perf_counter()
-    masks, estimate = _choose_masks(module, groups, result, s["flops_ratio"], s["scope"], s["round_to"],
-                                    dense["flops"], tokens)
-    digests = rt.assert_same("the final keep-masks", masks)
-    watch.lap("target", start)
-
-    start = time.perf_counter()
-    slim(net, groups, masks)
-    watch.lap("slim", start)
+    with Meter(budget, module, groups, s["round_to"], say=_say, rt=current()) as meter:
+        watch.lap("cost_model", start)
+        (masks, estimate, digests, result, ctx, target) = _select(module, bundle, method_obj, s, spec, progress,
+                                                                  watch, dense, tokens, meter, groups)
+        start = time.perf_counter()
+        slim(net, groups, masks)
+        watch.lap("slim", start)
+        if budget.kind == "latency":
+            start = time.perf_counter()
+            target.update(_latency_report(meter, module, estimate))
+            watch.lap("latency", start)
 
     start = time.perf_counter()
     accuracy_slimmed = evaluate(module, bundle.val)
@@ -197,20 +205,50 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
             history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
                                 checkpoint=progress).history
     watch.lap("finetune", start)
-    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history
+    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history, target
 
 
-def _check_tokens(method_cls, flops_ratio: float | None, tokens: TokenOptions | None) -> TokenOptions | None:
+def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
+            progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None, meter: Meter,
+            groups: list[ChannelGroup]) -> tuple:
+    """The method's search and the masks that reach the target; `target` collects the selection's
+    report keys (calibration rounds, the knapsack's figures)."""
+    budget = meter.budget
+    lowest = smallest_ratio(groups, meter.cost_model, s["round_to"])
+    if tokens is None and budget.ratio < lowest - RATIO_TOLERANCE:
+        raise CompressError(f"{budget.flag} {budget.ratio} is unreachable for {spec['model']} with --round-to "
+                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
+                            "width" + (f"; {meter.cost_model.describe()})" if budget.kind == "latency" else ")"))
+    ctx = PruneContext(module=module, data=bundle, groups=groups, cost_model=meter.cost_model, ratio=budget.ratio,
+                       scope=s["scope"], round_to=s["round_to"], seed=s["seed"], lr=s["lr"],
+                       batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress, allocation=s["allocation"])
+    start = time.perf_counter()
+    result = _search(method_obj, ctx, progress)
+    watch.lap("search", start)
+
+    start = time.perf_counter()
+    target: dict[str, Any] = {}
+    masks, estimate = _choose_masks(module, groups, result, meter, s["scope"], s["round_to"], s["allocation"],
+                                    dense["flops"], target, tokens)
+    digests = current().assert_same("the final keep-masks", masks)
+    watch.lap("target", start)
+    return masks, estimate, digests, result, ctx, target
+
+
+def _check_tokens(method_cls, flops_ratio: float | None, latency_ratio: float | None,
+                  tokens: TokenOptions | None) -> TokenOptions | None:
     """Token options are validated before any work; a method that prunes no channels (dynamicvit) has no
     channel target and gets the default token options."""
     if not method_cls.prunes_channels:
-        if flops_ratio is not None:
-            raise CompressError(f"--method {method_cls.name} prunes tokens only and takes no --flops-ratio (it "
+        if flops_ratio is not None or latency_ratio is not None:
+            flag = "--flops-ratio" if flops_ratio is not None else "--latency-ratio"
+            raise CompressError(f"--method {method_cls.name} prunes tokens only and takes no {flag} (it "
                                 "follows from --token-keep); for channels and tokens use a channel method "
                                 "with --token-keep")
         tokens = tokens or TokenOptions()
-    elif flops_ratio is None:
-        raise CompressError(f"--method {method_cls.name} needs --flops-ratio")
+    elif tokens is not None and latency_ratio is not None:
+        raise CompressError("--latency-ratio with token sparsification (--token-keep) is not supported yet; "
+                            "give --flops-ratio")
     if tokens is not None:
         tokens.check()
     return tokens
@@ -244,12 +282,18 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
     return result
 
 
-def _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size) -> None:
+def _check_inputs(out, source, model, budget: Budget | None, scope, round_to, finetune_epochs, lr, batch_size,
+                  allocation) -> None:
     """Everything that can be refused before any work is done."""
-    if flops_ratio is not None:
-        check_ratio(flops_ratio)
+    if budget is not None:
+        budget.check()
     if scope not in SCOPES:
         raise CompressError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if allocation not in ALLOCATIONS:
+        raise CompressError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "knapsack" and scope != "global":
+        raise CompressError("--allocation knapsack chooses every group's width itself; it needs --scope global "
+                            "(or give --allocation rank)")
     if round_to < 1:
         raise CompressError(f"--round-to must be at least 1, got {round_to}")
     if finetune_epochs < 0:
@@ -293,48 +337,80 @@ def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_f
                tokens: TokenOptions | None = None) -> float:
     """fvcore FLOPs ratio of `module` slimmed by `masks`, measured on a copy (module is untouched); with
     `tokens`, at the token counts the module will have (prediction modules added if not there yet)."""
-    trial = copy.deepcopy(module)
-    example = trial.normalize(trial.example_input(1))
-    net = backbone_of(trial.net)
-    slim(net, find_groups(net, example), masks)
+    trial = slimmed_copy(module, masks)
     if tokens is not None and not isinstance(trial.net, TokenSparseViT):
         trial.net = sparsify(trial.net, tokens.keep_ratio, tokens.stages)
     return count_flops(trial, tuple(trial.input_size)) / dense_flops
 
 
-def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: SearchResult, flops_ratio: float,
-                  scope: str, round_to: int, dense_flops: int, tokens: TokenOptions | None = None
-                  ) -> tuple[dict[str, torch.Tensor], float]:
-    """Masks for the target; returns them and the FLOPs model's estimate of their ratio.
+def _confirmed(meter: Meter, module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int,
+               tokens: TokenOptions | None) -> float:
+    """The ratio `masks` really reach: fvcore FLOPs, or the slimmed copy timed on the latency target."""
+    if meter.budget.kind == "flops":
+        return real_ratio(module, masks, dense_flops, tokens)
+    return meter.real_ratio(module, masks)
 
-    The FLOPs model is exact for most layers; where it is not (ops it cannot attribute, a prompt's
-    own FLOPs), the target handed to it is corrected by the measured error and masks re-selected,
-    keeping the masks whose real ratio is closest to the target.
+
+def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: SearchResult, meter: Meter,
+                  scope: str, round_to: int, allocation: str, dense_flops: int, record: dict[str, Any],
+                  tokens: TokenOptions | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """Masks for the target; returns them and the cost model's estimate of their ratio.
+
+    The post-slimming calibration: the cost model (FLOPs model or latency tables) estimates, the truth
+    (fvcore, or the slimmed copy timed against the dense network on the target) confirms. Where they
+    disagree (ops the FLOPs model cannot attribute, a prompt's own cost, tokens, what the latency tables
+    do not see), the target handed to the model is corrected by the measured error and masks
+    re-selected, keeping the masks whose real ratio is closest to the target. `record` receives every
+    round (aim, estimate, confirmed ratio) and the knapsack's figures. Masks a method returns itself
+    (VPNs) were chosen against the cost model during its search; they are kept as they are (one round,
+    unconfirmed: a latency target's slim model is measured afterwards).
     """
+    budget, model = meter.budget, meter.cost_model
     if not groups:
-        check_ratio(flops_ratio)
-        if flops_ratio < 1.0:
-            raise CompressError("this model has no prunable channel groups; the only reachable --flops-ratio is 1")
+        if budget.ratio < 1.0:
+            raise CompressError(f"this model has no prunable channel groups; the only reachable {budget.flag} is 1")
         return {}, 1.0
-    model = groups[0].graph.flops_model
     if result.scores is None:
         if result.masks is None:
             raise ValueError("a method's SearchResult needs scores or masks")
         masks = {g.id: result.masks.get(g.id, torch.ones(g.width, dtype=torch.bool)) for g in groups}
-        return masks, model.ratio_of_masks(masks)
-    best, best_err = None, float("inf")
-    aim = flops_ratio
-    for _ in range(CALIBRATION_ROUNDS):
-        masks = select_masks(result.scores, groups, model, aim, scope=scope, round_to=round_to,
-                             normalize=result.normalize)
         estimate = model.ratio_of_masks(masks)
-        real = real_ratio(module, masks, dense_flops, tokens)
-        if abs(real - flops_ratio) < best_err:
-            best, best_err = (masks, estimate), abs(real - flops_ratio)
-        if best_err <= RATIO_TOLERANCE / 4 or (tokens is None and abs(real - estimate) < 1e-3):
+        record["calibration"] = [{"aim": round(budget.ratio, 6), "estimate": round(estimate, 6), "confirmed": None}]
+        return masks, estimate
+    best, best_err, rounds = None, float("inf"), []
+    aim = budget.ratio
+    for _ in range(CALIBRATION_ROUNDS):
+        kept = select_counts(result.scores, groups, model, aim, scope=scope, round_to=round_to,
+                             normalize=result.normalize, allocation=allocation, report=record)
+        masks = masks_of_counts(result.scores, groups, kept)
+        estimate = model.ratio_of_masks(masks)
+        real = _confirmed(meter, module, masks, dense_flops, tokens)
+        rounds.append({"aim": round(aim, 6), "estimate": round(estimate, 6), "confirmed": round(real, 6)})
+        if abs(real - budget.ratio) < best_err:
+            best, best_err = (masks, estimate), abs(real - budget.ratio)
+        if budget.within(real) or (budget.kind == "flops" and tokens is None and abs(real - estimate) < 1e-3):
             break   # on target, or the model was exact and only round-to granularity is left
-        aim = min(1.0, max(1e-6, aim + (flops_ratio - real)))
+        aim = min(1.0, max(1e-6, aim + (budget.ratio - real)))
+    record["calibration"] = rounds
     return best
+
+
+def _latency_report(meter: Meter, module: DeployableModule, predicted: float) -> dict[str, Any]:
+    """The slim deployable module measured on the latency target against the dense one (report.json keys)."""
+    budget, target = meter.budget, meter.budget.table_target()
+    measured = meter.measure(module)
+    return {"latency_ratio_target": budget.ratio, "latency_ratio": round(measured["latency_ratio"], 6),
+            "latency_ratio_predicted": round(predicted, 6), "latency_backend": target.backend,
+            "latency_threads": target.threads, "latency_batch_size": target.batch_size,
+            "latency_clock": target.clock, "latency_ms": round(measured["latency_ms"], 4),
+            "latency_dense_ms": round(measured["latency_dense_ms"], 4), "latency_table": meter.build}
+
+
+def _say(line: str) -> None:
+    from compress.progress import console
+
+    if current().is_main:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _jsonable(value: Any) -> Any:

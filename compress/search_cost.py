@@ -34,8 +34,8 @@ from compress.runs import Stopwatch, load
 
 def _context(module: nn.Module, data, ratio: float, batch_size: int) -> PruneContext:
     groups = find_groups(module.net, module.normalize(module.example_input(1)))
-    return PruneContext(module=module, data=data, groups=groups, flops_model=groups[0].graph.flops_model,
-                        flops_ratio=ratio, scope="global", round_to=1, seed=0, lr=0.01, batch_size=batch_size,
+    return PruneContext(module=module, data=data, groups=groups, cost_model=groups[0].graph.flops_model,
+                        ratio=ratio, scope="global", round_to=1, seed=0, lr=0.01, batch_size=batch_size,
                         stopwatch=Stopwatch())
 
 

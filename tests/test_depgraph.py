@@ -16,8 +16,8 @@ def _ctx(ratio: float = 0.4) -> PruneContext:
     torch.manual_seed(0)
     module = DeployableModule(create_model("resnet20", 10, 16), [0.5] * 3, [0.25] * 3, input_size=(3, 16, 16))
     groups = find_groups(module.net, module.normalize(module.example_input(1)))
-    return PruneContext(module=module, data=None, groups=groups, flops_model=groups[0].graph.flops_model,
-                        flops_ratio=ratio, scope="global", round_to=1, seed=0, lr=0.01, batch_size=32,
+    return PruneContext(module=module, data=None, groups=groups, cost_model=groups[0].graph.flops_model,
+                        ratio=ratio, scope="global", round_to=1, seed=0, lr=0.01, batch_size=32,
                         stopwatch=Stopwatch())
 
 

@@ -15,8 +15,8 @@ from compress.loop import frozen
 from compress.methods.hypernet import HypernetConfig, MaskHypernet, check_compatible, group_signature, prompt_tensor
 from compress.methods.pass_ import (
     PassOptions,
-    flops_penalty,
     new_hypernet,
+    resource_penalty,
     reuse_hypernet,
     search,
     temperature,
@@ -75,7 +75,7 @@ def test_gradients_reach_prompt_encoder_and_lstm(toy):
         sample = hyper(prompt_tensor(module.prompt), stats, tau=1.0, noise=True)
         gates.set(dict(zip(stats.ids, sample.masks, strict=True)))
         ratio = FlopsModel.for_groups(groups).ratio_of_fractions(sample.fractions())
-        loss = nn.functional.cross_entropy(module(x), y) + flops_penalty(ratio, 0.3)
+        loss = nn.functional.cross_entropy(module(x), y) + resource_penalty(ratio, 0.3)
         loss.backward()
     named = dict(hyper.named_parameters())
     for name in ("encoder.convs.0.weight", "encoder.convs.2.weight", "encoder.convs.4.weight", "encoder.out.weight",
@@ -85,7 +85,7 @@ def test_gradients_reach_prompt_encoder_and_lstm(toy):
     assert all(p.grad is None for p in module.net.parameters())
 
 
-def test_flops_penalty_pulls_sampled_flops_to_target(toy):
+def test_resource_penalty_pulls_sampled_flops_to_target(toy):
     module, groups = toy
     flops = FlopsModel.for_groups(groups)
     stats = group_statistics(module.net, groups)
@@ -103,7 +103,7 @@ def test_flops_penalty_pulls_sampled_flops_to_target(toy):
     for _ in range(60):
         ratio = flops.ratio_of_fractions(hyper(prompt_tensor(module.prompt), stats, 0.5, True, g).fractions())
         opt.zero_grad()
-        flops_penalty(ratio, target).backward()
+        resource_penalty(ratio, target).backward()
         opt.step()
     after = sampled_ratio()
     assert before > 0.7
@@ -129,7 +129,7 @@ def test_temperature_anneals_from_start_to_end():
     assert temperature(0, 10, 1.0, 0.1) == pytest.approx(1.0)
     assert temperature(9, 10, 1.0, 0.1) == pytest.approx(0.1)
     assert temperature(4, 10, 1.0, 0.1) == pytest.approx(0.1 ** (4 / 9))
-    assert flops_penalty(torch.tensor(0.6), 0.3) == pytest.approx(math.log(2))
+    assert resource_penalty(torch.tensor(0.6), 0.3) == pytest.approx(math.log(2))
 
 
 def test_search_leaves_backbone_bitwise_unchanged_and_trains_prompt(toy):

@@ -39,8 +39,8 @@ def _setup(prompt: str = "pad", ratio: float = 0.4, scope: str = "global", round
     settings = VPNsSettings(prompt=prompt, score_epochs=1, batch_size=32, score_lr=0.2, first_stage_cap=cap)
     install_prompt(module, settings.prompt, settings.prompt_size)
     groups = find_groups(module.net, module.normalize(module.example_input(1)))
-    ctx = PruneContext(module=module, data=data, groups=groups, flops_model=groups[0].graph.flops_model,
-                       flops_ratio=ratio, scope=scope, round_to=round_to, seed=0, lr=0.01, batch_size=32,
+    ctx = PruneContext(module=module, data=data, groups=groups, cost_model=groups[0].graph.flops_model,
+                       ratio=ratio, scope=scope, round_to=round_to, seed=0, lr=0.01, batch_size=32,
                        stopwatch=Stopwatch())
     scores = magnitude_scores(groups)
     capped = first_stage_groups(module, groups) if cap < 1 else []
@@ -56,10 +56,10 @@ def test_every_search_step_meets_the_flops_target_and_the_first_stage_cap():
                  check_step=seen.append)
     assert len(seen) == 3                                             # 96 training images, batches of 32
     for masks in seen:
-        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.4) <= TARGET_TOLERANCE
+        assert abs(ctx.cost_model.ratio_of_masks(masks) - 0.4) <= TARGET_TOLERANCE
         assert removed_share(masks, groups, capped) <= 0.25
     final = selector(scores)
-    assert abs(ctx.flops_model.ratio_of_masks(final) - 0.4) <= 0.02
+    assert abs(ctx.cost_model.ratio_of_masks(final) - 0.4) <= 0.02
 
 
 def test_search_steps_respect_local_scope_and_round_to():
@@ -72,7 +72,7 @@ def test_search_steps_respect_local_scope_and_round_to():
         for g in groups:
             kept = int(masks[g.id].sum())
             assert kept % 4 == 0 or kept == g.width
-        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.5) <= TARGET_TOLERANCE
+        assert abs(ctx.cost_model.ratio_of_masks(masks) - 0.5) <= TARGET_TOLERANCE
 
 
 def test_coarse_round_to_still_meets_the_target():
@@ -84,7 +84,7 @@ def test_coarse_round_to_still_meets_the_target():
     for _ in range(20):
         random = {g.id: torch.rand(g.width, generator=gen) for g in groups}
         masks = selector(random)
-        assert abs(ctx.flops_model.ratio_of_masks(masks) - 0.3) <= TARGET_TOLERANCE
+        assert abs(ctx.cost_model.ratio_of_masks(masks) - 0.3) <= TARGET_TOLERANCE
         for g in groups:
             kept = int(masks[g.id].sum())
             assert kept % 8 == 0 or kept == g.width

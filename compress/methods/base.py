@@ -1,8 +1,9 @@
 """The interface every pruning method implements, and the registry `compress prune --method` reads.
 
 A method only *decides what to keep*: it gets a `PruneContext` (the dense deployable module, data,
-channel groups, FLOPs model, target) and returns a `SearchResult` — per-unit scores (the pipeline
-turns them into masks that hit the FLOPs target, confirmed with real fvcore) or final masks, plus
+channel groups, the cost model the target is counted in — FLOPs or latency measured on the target —
+and the target) and returns a `SearchResult` — per-unit scores (the pipeline turns them into masks
+that hit the target, confirmed with real fvcore or by timing the slim model) or final masks, plus
 optionally a visual prompt and extra files. Slimming, fine-tuning and writing the run directory are
 the common pipeline's job (compress/pipeline.py); every training-like step a method takes runs through
 the shared loop (compress/loop.py: a `Stage` subclass and `run_stage`), so it runs on every device, under
@@ -58,8 +59,8 @@ class PruneContext:
     module: nn.Module
     data: Any                     # compress.data.DataBundle
     groups: list                  # list[ChannelGroup], in execution order, on module.net
-    flops_model: Any              # compress.pruning.flops_model.FlopsModel of those groups
-    flops_ratio: float
+    cost_model: Any               # compress.pruning.cost.CostModel the target is counted in (FLOPs or latency)
+    ratio: float                  # the target: pruned ÷ dense cost (--flops-ratio or --latency-ratio)
     scope: str
     round_to: int
     seed: int
@@ -67,16 +68,18 @@ class PruneContext:
     batch_size: int
     stopwatch: Any                # compress.runs.Stopwatch (stages are recorded in report.json)
     checkpoint: Any = None        # compress.checkpoint.Checkpoint: pass it to run_stage so searches resume
+    allocation: str = "rank"      # how target selection allocates widths: "rank" or "knapsack"
     report: dict[str, Any] = field(default_factory=dict)   # method-specific keys for report.json
 
-    def select_masks(self, scores: dict[str, torch.Tensor], flops_ratio: float | None = None,
-                     normalize: bool = True) -> dict[str, torch.Tensor]:
-        """Masks hitting the (or another) FLOPs ratio by the FLOPs model, with this run's scope/round-to."""
-        from compress.pruning.target import select_masks
+    def select_masks(self, scores: dict[str, torch.Tensor], ratio: float | None = None, normalize: bool = True,
+                     tolerance: float | None = None) -> dict[str, torch.Tensor]:
+        """Masks hitting the (or another) cost ratio by the cost model, with this run's scope, round-to and
+        allocation."""
+        from compress.pruning.target import TOLERANCE, select_masks
 
-        return select_masks(scores, self.groups, self.flops_model,
-                            self.flops_ratio if flops_ratio is None else flops_ratio,
-                            scope=self.scope, round_to=self.round_to, normalize=normalize)
+        return select_masks(scores, self.groups, self.cost_model, self.ratio if ratio is None else ratio,
+                            scope=self.scope, round_to=self.round_to, normalize=normalize,
+                            allocation=self.allocation, tolerance=TOLERANCE if tolerance is None else tolerance)
 
     def gates(self):
         """Gate hooks on the module's network (use as a context manager so they are removed)."""
@@ -88,7 +91,7 @@ class PruneContext:
 @dataclass
 class SearchResult:
     """What a method found. Give `scores` (preferred: the pipeline selects masks for the target and
-    confirms the ratio with fvcore, refining if the estimate was off) or final `masks`."""
+    confirms the ratio with fvcore or a measurement, refining if the estimate was off) or final `masks`."""
 
     scores: dict[str, torch.Tensor] | None = None
     masks: dict[str, torch.Tensor] | None = None

@@ -29,8 +29,9 @@ class DepGraph(Method):
         MethodOption("--sparse-train-epochs", int, 0, "epochs of group-lasso sparse training before ranking"),
         MethodOption("--sparse-reg", float, 5e-4, "strength of the group-lasso regulariser"),
         MethodOption("--sparse-alpha", float, 4.0, "α of γ_k: how much harder less important units are pushed"),
-        MethodOption("--iterative-steps", int, 1, "prune progressively in K steps (FLOPs targets falling linearly "
-                     "to --flops-ratio), re-scoring the network each step with the units already removed"),
+        MethodOption("--iterative-steps", int, 1, "prune progressively in K steps (targets falling linearly to "
+                     "--flops-ratio or --latency-ratio), re-scoring the network each step with the units already "
+                     "removed"),
     )
 
     def search(self, ctx: PruneContext) -> SearchResult:
@@ -59,18 +60,19 @@ class DepGraph(Method):
 def progressive_scores(ctx: PruneContext, steps: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The scores the last of `steps` pruning steps ranks by, and a record of the earlier steps.
 
-    Step k < K removes units down to FLOPs ratio 1 − (1 − R)·k/K; each step scores the network with every unit
-    removed so far cut out, so those units score 0 and stay removed; the pipeline selects the final masks
-    (step K, ratio R) from the returned scores."""
+    Step k < K removes units down to cost ratio 1 − (1 − R)·k/K (FLOPs or latency, the run's target); each
+    step scores the network with every unit removed so far cut out, so those units score 0 and stay removed;
+    the pipeline selects the final masks (step K, ratio R) from the returned scores."""
     kept: dict[str, torch.Tensor] = {}
     record = []
     for k in range(1, steps):
         with units_removed(ctx.groups, kept):
             scores = group_l2_scores(ctx.groups)
-        target = 1.0 - (1.0 - ctx.flops_ratio) * k / steps
-        kept = ctx.select_masks(scores, flops_ratio=target)
-        record.append({"step": k, "flops_ratio_target": round(target, 4),
-                       "flops_ratio_estimate": round(ctx.flops_model.ratio_of_masks(kept), 4),
+        target = 1.0 - (1.0 - ctx.ratio) * k / steps
+        kept = ctx.select_masks(scores, ratio=target)
+        name = ctx.cost_model.name
+        record.append({"step": k, f"{name}_ratio_target": round(target, 4),
+                       f"{name}_ratio_estimate": round(ctx.cost_model.ratio_of_masks(kept), 4),
                        "units_removed": int(sum(int((~m).sum()) for m in kept.values()))})
     with units_removed(ctx.groups, kept):
         return group_l2_scores(ctx.groups), record

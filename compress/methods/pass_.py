@@ -2,9 +2,10 @@
 
 Search: the backbone is frozen (weights and BN statistics, bit for bit); the prompt, the prompt encoder
 and the LSTM hypernetwork are trained jointly with Adam on the task loss of the *gated* network plus
-λ·|log(FLOPs ratio of the sampled masks / target)| (the engine's analytic FLOPs model, differentiable
-through the straight-through masks). The hypernetwork's deterministic channel logits are then ranked
-globally and projected exactly onto the target; slimming and fine-tuning follow in the common pipeline.
+λ·|log(cost ratio of the sampled masks / target)| (the engine's cost model of the run's target — the
+analytic FLOPs model or the measured latency tables — differentiable through the straight-through masks).
+The hypernetwork's deterministic channel logits are then ranked globally and projected exactly onto the
+target; slimming and fine-tuning follow in the common pipeline.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from compress.methods.base import SearchResult as MethodResult
 from compress.methods.hypernet import HypernetConfig, MaskHypernet, check_compatible, group_signature, prompt_tensor
 from compress.methods.pass_stats import GroupStats, backbone_fingerprint, group_statistics
 from compress.prompt import install_prompt, prompt_spec
-from compress.pruning.flops_model import FlopsModel
+from compress.pruning.cost import CostModel
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
 
@@ -44,7 +45,7 @@ class PassOptions:
     search_epochs: int = 2
     hypernet_lr: float = 5e-3
     prompt_lr: float = 1e-2
-    lam: float = 2.0                     # weight of the FLOPs penalty
+    lam: float = 2.0                     # weight of the resource penalty
     temp_start: float = 1.0              # Gumbel-sigmoid temperature, annealed geometrically …
     temp_end: float = 0.2                # … to this value over the search
     hidden: int = 64
@@ -101,7 +102,7 @@ def temperature(step: int, total: int, start: float, end: float) -> float:
     return start * (end / start) ** (min(step, total - 1) / (total - 1))
 
 
-def flops_penalty(ratio: torch.Tensor, target: float) -> torch.Tensor:
+def resource_penalty(ratio: torch.Tensor, target: float) -> torch.Tensor:
     """|log(ratio / target)|: symmetric in over- and undershoot, scale-free across targets."""
     return (ratio.clamp_min(1e-6).log() - math.log(target)).abs()
 
@@ -151,17 +152,18 @@ def load_hypernet(run_dir: str | Path, groups: list[ChannelGroup], use_prompt: b
 
 class HypernetSearch(Stage):
     """Prompt + encoder + LSTM hypernetwork trained with Adam on the frozen, gated backbone: task loss of the
-    network under the sampled (Gumbel-sigmoid, straight-through) masks + λ·FLOPs penalty."""
+    network under the sampled (Gumbel-sigmoid, straight-through) masks + λ·resource penalty (the ratio of the
+    run's cost model: FLOPs, or the latency tables)."""
 
     name = "pass search"
     evaluate = False
 
     def __init__(self, hyper: MaskHypernet, stats: GroupStats, groups: list[ChannelGroup], prompt: nn.Module | None,
-                 target: float, opts: PassOptions, seed: int):
+                 target: float, opts: PassOptions, seed: int, cost_model: CostModel | None = None):
         self.hyper, self.stats, self.groups, self.prompt, self.target, self.opts = hyper, stats, groups, prompt, \
             target, opts
         self.epochs, self.freeze = opts.search_epochs, opts.search_bn
-        self.flops = FlopsModel.for_groups(groups)
+        self.cost = cost_model or groups[0].graph.flops_model
         self.noise = torch.Generator().manual_seed(seed)
         self.tau = opts.temp_start
         self.gates: Gates | None = None
@@ -191,19 +193,21 @@ class HypernetSearch(Stage):
         self.gates.set(dict(zip(self.stats.ids, sample.masks, strict=True)))
         logits = module(x)
         task = F.cross_entropy(logits, y)
-        ratio = self.flops.ratio_of_fractions(sample.fractions()).to(task.device)
-        loss = task + o.lam * flops_penalty(ratio, self.target)
-        return StepOut(loss, logits, {"task_loss": task.detach(), "flops_ratio": ratio.detach()})
+        ratio = self.cost.ratio_of_fractions(sample.fractions()).to(task.device)
+        loss = task + o.lam * resource_penalty(ratio, self.target)
+        return StepOut(loss, logits, {"task_loss": task.detach(), f"{self.cost.name}_ratio": ratio.detach()})
 
     def end_epoch(self, module: DeployableModule, epoch: int) -> dict:
         return {"temperature": round(self.tau, 4)}
 
 
 def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup], target: float,
-           opts: PassOptions, seed: int = 0, checkpoint: Checkpoint | None = None) -> SearchResult:
+           opts: PassOptions, seed: int = 0, checkpoint: Checkpoint | None = None,
+           cost_model: CostModel | None = None) -> SearchResult:
     """Train prompt + encoder + hypernetwork on the frozen, gated backbone; return the channel scores.
 
     `module.prompt` (an `nn.Identity` for `--prompt none`) is trained in place; `module.net` is unchanged.
+    `target` is a ratio of `cost_model` (default: the groups' FLOPs model).
     """
     opts.check()
     prompt = module.prompt if prompt_tensor(module.prompt) is not None else None
@@ -218,7 +222,7 @@ def search(module: DeployableModule, data: DataBundle, groups: list[ChannelGroup
         hyper = new_hypernet(groups, use_prompt, target, opts, backbone)
     start_prompt = prompt_tensor(prompt)
     initial = hyper.scores(None if start_prompt is None else start_prompt.detach().cpu(), stats)  # hyper is on the CPU
-    stage = HypernetSearch(hyper, stats, groups, prompt, target, opts, seed)
+    stage = HypernetSearch(hyper, stats, groups, prompt, target, opts, seed, cost_model)
     record = run_stage(module, data, stage, batch_size=opts.batch_size, seed=seed, checkpoint=checkpoint)
     hyper.eval()
     scores = hyper.scores(prompt_tensor(prompt), stats)
@@ -240,7 +244,8 @@ class Pass(Method):
         MethodOption("--hypernet-lr", float, PassOptions.hypernet_lr, "Adam learning rate of encoder + LSTM + heads"),
         MethodOption("--hypernet-prompt-lr", float, PassOptions.prompt_lr, "Adam learning rate of the prompt during "
                      "the search"),
-        MethodOption("--flops-lambda", float, PassOptions.lam, "weight λ of the FLOPs penalty |log(ratio / target)|"),
+        MethodOption("--flops-lambda", float, PassOptions.lam, "weight λ of the resource penalty |log(ratio / "
+                     "target)| (the ratio of --flops-ratio or --latency-ratio, whichever is the target)"),
         MethodOption("--temp-start", float, PassOptions.temp_start, "Gumbel-sigmoid temperature at the start"),
         MethodOption("--temp-end", float, PassOptions.temp_end, "temperature at the end (geometric annealing)"),
         MethodOption("--hypernet-hidden", int, PassOptions.hidden, "LSTM hidden size (also the prompt embedding size)"),
@@ -265,8 +270,8 @@ class Pass(Method):
             raise CompressError(f"--hypernet-from {opts.hypernet_from} is not a directory")
         prompt = install_prompt(ctx.module, self.config["prompt"], self.config["prompt_size"])
         start = time.perf_counter()
-        found = search(ctx.module, ctx.data, ctx.groups, ctx.flops_ratio, opts, seed=ctx.seed,
-                       checkpoint=ctx.checkpoint)
+        found = search(ctx.module, ctx.data, ctx.groups, ctx.ratio, opts, seed=ctx.seed,
+                       checkpoint=ctx.checkpoint, cost_model=ctx.cost_model)
         wall = ctx.stopwatch.lap("hypernet_search", start)
         masks = ctx.select_masks(found.scores, normalize=False)
         with ctx.gates() as gates:
@@ -274,7 +279,8 @@ class Pass(Method):
             accuracy = evaluate(ctx.module, ctx.data.val)
         ctx.report.update(found.report())
         stage = {"wall_s": wall, "epochs": opts.search_epochs, "epoch_time_s": found.report()["search_epoch_s_mean"],
-                 "accuracy_masked": accuracy, "flops_ratio_estimate": ctx.flops_model.ratio_of_masks(masks),
+                 "accuracy_masked": accuracy,
+                 f"{ctx.cost_model.name}_ratio_estimate": ctx.cost_model.ratio_of_masks(masks),
                  "history": found.history}
         return MethodResult(scores=found.scores, normalize=False, prompt=prompt, prompt_spec=prompt_spec(prompt),
                             stages={"hypernet_search": stage}, extras=found.extras(),

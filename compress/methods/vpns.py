@@ -5,8 +5,9 @@ with the weights frozen; the forward pass keeps the channels above one global th
 mask, straight-through gradient to the scores) while a visual prompt trains alongside. Here a score
 belongs to a channel-group unit (coupled channels are kept or removed together), scores start from
 weight magnitude normalised per group, and the threshold is re-chosen at every step by the engine's
-FLOPs targeting, so that every step's masked network meets `--flops-ratio` — the masks the search
-trains under are exactly those the final projection would produce from the same scores.
+targeting in the run's cost model, so that every step's masked network meets `--flops-ratio` (or
+`--latency-ratio`, by the latency tables) — the masks the search trains under are exactly those the
+final projection would produce from the same scores.
 
 Stages: dense weight + prompt warm-up → mask search (weights and BN statistics frozen; scores and
 prompt trained with Adam) → (common pipeline) final masks projected onto the target, slim,
@@ -31,17 +32,16 @@ from compress.deploy import DeployableModule
 from compress.errors import CompressError
 from compress.loop import Optim, Stage, StageRecord, StepOut, evaluate, reestimate_bn, run_stage
 from compress.methods.base import PROMPT_OPTIONS, Method, MethodOption, PruneContext, SearchResult, register
-from compress.methods.fit_target import fit_to_target
 from compress.prompt import PROMPT_KINDS, install_prompt, prompt_spec
 from compress.pruning.gates import Gates
 from compress.pruning.groups import ChannelGroup
 from compress.pruning.importance import group_sq_norms
 
 # Added to the scores of units a cap protects: they rank above every other unit, so the targeting
-# removes them only if the FLOPs target cannot be met otherwise.
+# removes them only if the target cannot be met otherwise.
 PROTECT = 1e6
-# Masks are kept within this distance of the target by the FLOPs model (the pipeline promises ±0.02
-# by real fvcore; the model and fvcore differ by the prompt's few FLOPs).
+# Masks are kept within this distance of the target by the cost model (the pipeline confirms the final
+# ratio with fvcore or a measurement; the model and the truth differ by the prompt's own cost).
 TARGET_TOLERANCE = 0.01
 
 
@@ -94,7 +94,7 @@ class VPNs(Method):
         MethodOption("--score-clip", float, 0.25, "VPNs: gradient-norm clip of the channel scores"),
         MethodOption("--vpns-prompt-lr", float, 1e-3, "VPNs: Adam learning rate of the prompt (warm-up, search)"),
         MethodOption("--first-stage-cap", float, 1.0, "VPNs: share of stem/first-stage channels the masks may "
-                     "remove while the FLOPs target allows it (reference 0.25; 1 = no cap)"),
+                     "remove while the target allows it (reference 0.25; 1 = no cap)"),
         MethodOption("--search-bn", ("batch", "running"), "batch", "VPNs: BN during the search: batch statistics "
                      "(running ones restored afterwards) or the dense running statistics"),
         MethodOption("--two-pass", bool, False, "VPNs: the reference's two optimiser steps per batch in the warm-up "
@@ -133,7 +133,7 @@ class VPNs(Method):
                      "mask_search_epoch_s": found.epoch_time_s,
                      "capped_groups": capped,
                      "first_stage_removed": removed_share(final, ctx.groups, capped),
-                     "flops_ratio_estimate_search": round(selector.ratio(final), 6)}})
+                     f"{ctx.cost_model.name}_ratio_estimate_search": round(selector.ratio(final), 6)}})
         return SearchResult(masks=final, prompt=prompt,
                             prompt_spec=prompt_spec(prompt) if prompt is not None else None, stages=stages,
                             initial_masks=initial)
@@ -202,9 +202,10 @@ def removed_share(masks: dict[str, torch.Tensor], groups: list[ChannelGroup], id
 
 
 class MaskSelector:
-    """One global threshold per step: the engine's targeting (this run's --scope and --round-to) over
-    the raw scores, with protected units ranked first; where coarse --round-to widths make it miss the
-    target by more than TARGET_TOLERANCE, whole allowed blocks are moved until it fits (fit_target.py)."""
+    """One global threshold per step: the engine's targeting (this run's cost model, --scope, --round-to
+    and allocation) over the raw scores, with protected units ranked first; where coarse --round-to
+    widths make it miss the target by more than TARGET_TOLERANCE, the engine moves whole allowed blocks
+    until it fits."""
 
     def __init__(self, ctx: PruneContext, protected: dict[str, torch.Tensor]):
         self.ctx = ctx
@@ -216,13 +217,10 @@ class MaskSelector:
                 else s.detach().float().cpu() for gid, s in scores.items()}
 
     def __call__(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ranked = self.ranked(scores)
-        masks = self.ctx.select_masks(ranked, normalize=False)
-        return fit_to_target(masks, ranked, self.ctx.groups, self.ctx.flops_model, self.ctx.flops_ratio,
-                             self.ctx.round_to, TARGET_TOLERANCE)
+        return self.ctx.select_masks(self.ranked(scores), normalize=False, tolerance=TARGET_TOLERANCE)
 
     def ratio(self, masks: dict[str, torch.Tensor]) -> float:
-        return self.ctx.flops_model.ratio_of_masks(masks)
+        return self.ctx.cost_model.ratio_of_masks(masks)
 
 
 def straight_through(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -277,7 +275,7 @@ class Scores(nn.Module):
 
 class MaskSearch(Stage):
     """Unit scores (Adam, clipped) and prompt (Adam) trained on the frozen network gated by the hard masks
-    of every step's FLOPs-targeted global threshold, straight-through to the scores."""
+    of every step's targeted global threshold, straight-through to the scores."""
 
     name = "vpns mask search"
     augment = True
@@ -330,8 +328,8 @@ def search_masks(module: DeployableModule, groups: list[ChannelGroup], data: Dat
                  checkpoint: Checkpoint | None = None) -> StageRecord:
     """Train unit scores (and the prompt) with the network frozen; updates `scores` in place.
 
-    Every step draws hard masks from the current scores (`selector`: one threshold meeting the FLOPs
-    target) and gates the network with them, straight-through. `check_step(masks)` sees each step's masks.
+    Every step draws hard masks from the current scores (`selector`: one threshold meeting the target)
+    and gates the network with them, straight-through. `check_step(masks)` sees each step's masks.
     """
     stage = MaskSearch(groups, data, scores, selector, settings, check_step)
     record = run_stage(module, data, stage, batch_size=settings.batch_size, seed=seed, checkpoint=checkpoint)
