@@ -413,7 +413,6 @@ def latency_table(**kw) -> None:
     latency_table_command(**kw)
 
 
-
 @main.command("latency-study", context_settings=CONTEXT)
 @click.option("--parts", default="budget,capacity", show_default=True, help="Which experiments: budget, capacity.")
 @click.option("--budget-models", default=",".join(("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf",
@@ -426,6 +425,9 @@ def latency_table(**kw) -> None:
               help="The FLOPs-targeted networks of the capacity part.")
 @click.option("--threads", default="2,1", show_default=True,
               help="ONNX Runtime threads: the first for the budget part and the headline capacity figures.")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="How every prune and bench times CPU latency (cpu: the calling thread's CPU time, --threads 1 "
+              "only; immune to other processes on a shared machine).")
 @click.option("--image-size", default=224, show_default=True, type=int)
 @click.option("--bench-duration", default=3.0, show_default=True, type=float,
               help="Seconds measured per model in each `compress bench`.")
@@ -440,7 +442,8 @@ def latency_study(**kw) -> None:
 
     budget: prune each model with --latency-ratio R and measure the result with `compress bench`.
     capacity: at the latency a --flops-ratio prune reaches, compare it with a --latency-ratio prune
-    (FLOPs kept, speedup fidelity). Needs a quiet machine: the figures are wall-clock latencies.
+    (FLOPs kept, speedup fidelity). Wall-clock figures need a quiet machine; on a shared one use
+    --threads 1 --clock cpu.
     """
     from compress.latency_study import LatencyStudyConfig, run_latency_study
     from compress.study import parse_list
@@ -451,8 +454,8 @@ def latency_study(**kw) -> None:
     config = LatencyStudyConfig(parts=names(kw["parts"]), budget_models=names(kw["budget_models"]),
                                 ratios=parse_list(kw["ratios"]), capacity_models=names(kw["capacity_models"]),
                                 flops_ratio=kw["flops_ratio"], threads=parse_list(kw["threads"], int),
-                                image_size=kw["image_size"], bench_duration=kw["bench_duration"], work=kw["work"],
-                                docs=kw["docs"], cache_dir=kw["cache_dir"], fresh=kw["fresh"])
+                                clock=kw["clock"], image_size=kw["image_size"], bench_duration=kw["bench_duration"],
+                                work=kw["work"], docs=kw["docs"], cache_dir=kw["cache_dir"], fresh=kw["fresh"])
     results = run_latency_study(config)
     click.echo(f"wrote {config.docs}/latency.md and latency.json ({results['wall_s']:.0f} s)")
 

@@ -49,6 +49,7 @@ class LatencyStudyConfig:
     capacity_models: tuple[str, ...] = CAPACITY_MODELS
     flops_ratio: float = 0.26
     threads: tuple[int, ...] = (2, 1)      # capacity: the first is the headline, the others reported beside
+    clock: str = "wall"                    # "cpu": thread CPU time (one thread only; immune to other processes)
     image_size: int = 224
     batch_size: int = 1
     method: str = "l1"
@@ -68,6 +69,10 @@ class LatencyStudyConfig:
             raise CompressError("ratios must be in (0, 1]")
         if not self.threads or any(t < 1 for t in self.threads):
             raise CompressError("--threads needs positive thread counts")
+        if self.clock not in ("wall", "cpu"):
+            raise CompressError(f"--clock must be wall or cpu, got {self.clock!r}")
+        if self.clock == "cpu" and set(self.threads) != {1}:
+            raise CompressError("--clock cpu times the calling thread's CPU time, so it needs --threads 1")
 
 
 def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
@@ -119,11 +124,12 @@ def _prune(config: LatencyStudyConfig, model: str, out: Path, *, threads: int, f
     from compress.pipeline import prune_run
 
     key = {"model": model, "image_size": config.image_size, "method": config.method, "flops_ratio": flops_ratio,
-           "latency_ratio": latency_ratio, "threads": threads, "batch_size": config.batch_size, "scope": scope,
-           "round_to": config.round_to}
+           "latency_ratio": latency_ratio, "threads": threads if latency_ratio else None,
+           "batch_size": config.batch_size, "scope": scope, "round_to": config.round_to, "clock": config.clock}
     latency = {} if latency_ratio is None else {"latency_ratio": latency_ratio, "latency_backend": "onnxruntime",
                                                 "latency_threads": threads, "latency_batch_size": config.batch_size,
-                                                "latency_cache": config.cache_dir}
+                                                "latency_cache": config.cache_dir,
+                                                "latency_clock": config.clock}
     console.rule(f"[bold]{model}: " + (f"--flops-ratio {flops_ratio}" if flops_ratio else
                                        f"--latency-ratio {latency_ratio:.4f} ({threads} thread(s))"))
     report, _reused = reuse_or_run(out, key, lambda: prune_run(
@@ -133,12 +139,14 @@ def _prune(config: LatencyStudyConfig, model: str, out: Path, *, threads: int, f
     return report
 
 
-def bench(runs: list[Path], threads: int, batch_size: int, duration: float, out: Path) -> dict[str, Any]:
+def bench(runs: list[Path], threads: int, batch_size: int, duration: float, out: Path,
+          clock: str = "wall") -> dict[str, Any]:
     """`compress bench` in a separate process (dense first), its JSON."""
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "cli", "bench", *map(str, runs), "--backend", "onnxruntime", "--threads",
-            str(threads), "--batch-size", str(batch_size), "--duration", str(duration), "--json", str(out)]
+            str(threads), "--clock", clock, "--batch-size", str(batch_size), "--duration", str(duration),
+            "--json", str(out)]
     console.print(" ".join(["compress", *args[3:]]), highlight=False)
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -158,7 +166,7 @@ def _budget_model(config: LatencyStudyConfig, model: str, work: Path) -> dict[st
     runs = {r: work / model / f"latency-{r:g}-t{threads}" for r in config.ratios}
     reports = {r: _prune(config, model, out, threads=threads, latency_ratio=r) for r, out in runs.items()}
     doc = bench([dense, *runs.values()], threads, config.batch_size, config.bench_duration,
-                work / model / f"bench-budget-t{threads}.json")
+                work / model / f"bench-budget-t{threads}-{config.clock}.json", config.clock)
     ups = _speedups(doc)
     dense_ms = next(r["median_ms"] for r in doc["results"] if r["target"] == str(dense))
     rows = []
@@ -181,12 +189,12 @@ def _capacity_model(config: LatencyStudyConfig, model: str, threads: int, work: 
     flops_report = _prune(config, model, flops_run, threads=threads, flops_ratio=config.flops_ratio,
                           scope=config.flops_scope)
     first = bench([dense, flops_run], threads, config.batch_size, config.bench_duration,
-                  work / model / f"bench-flops-t{threads}.json")
+                  work / model / f"bench-flops-t{threads}-{config.clock}.json", config.clock)
     level = round(_speedups(first)[str(flops_run)]["latency_ratio"], 4)
     latency_run = work / model / f"latency-at-flops-{config.flops_ratio:g}-t{threads}"
     latency_report = _prune(config, model, latency_run, threads=threads, latency_ratio=level)
     doc = bench([dense, flops_run, latency_run], threads, config.batch_size, config.bench_duration,
-                work / model / f"bench-capacity-t{threads}.json")
+                work / model / f"bench-capacity-t{threads}-{config.clock}.json", config.clock)
     ups = _speedups(doc)
     f, lat = ups[str(flops_run)], ups[str(latency_run)]
     return {"model": model, "threads": threads, "latency_level": level,
@@ -217,7 +225,7 @@ def _budget_md(results: dict[str, Any]) -> str:
     rows = [r | {"model": m["model"], "dense_ms": m["dense_ms"]} for m in results["budget"] for r in m["rows"]]
     hits = sum(r["within"] for r in rows)
     c = results["config"]
-    lines = [f"`--latency-ratio R` on onnxruntime, {c['threads'][0]} thread(s), batch {c['batch_size']}, "
+    lines = [f"`--latency-ratio R` on onnxruntime, {c['threads'][0]} thread(s), {_clock(c)}, batch {c['batch_size']}, "
              f"{c['image_size']} px, method {c['method']}, round-to {c['round_to']}; measured afterwards by "
              f"`compress bench` (separate process, dense and pruned interleaved, {c['bench_duration']:g} s each). "
              f"**{hits} of {len(rows)} within ±{TOLERANCE:.0%}.**", "",
@@ -240,7 +248,8 @@ def _capacity_md(results: dict[str, Any]) -> str:
         kept = [r["flops_kept"] for r in rows]
         fid_f = [r["flops_targeted"]["fidelity"] for r in rows]
         fid_l = [r["latency_targeted"]["fidelity"] for r in rows]
-        lines += [f"**{threads} thread(s)**: FLOPs kept at equal measured latency, latency-targeted ÷ FLOPs-targeted: "
+        lines += [f"**{threads} thread(s), {_clock(c)}**: FLOPs kept at equal measured latency, latency-targeted ÷ "
+                  "FLOPs-targeted: "
                   f"median **{statistics.median(kept):.2f}×** (min {min(kept):.2f}×); speedup fidelity median "
                   f"{statistics.median(fid_f):.2f} (FLOPs-targeted) → {statistics.median(fid_l):.2f} "
                   "(latency-targeted).", "",
@@ -258,6 +267,10 @@ def _capacity_md(results: dict[str, Any]) -> str:
               "allocation), L = the FLOPs-targeted network's latency ratio measured by `compress bench` at the "
               "same threads.", "", _load_line(results)]
     return "\n".join(lines)
+
+
+def _clock(config: dict[str, Any]) -> str:
+    return "thread CPU time" if config.get("clock") == "cpu" else "wall clock"
 
 
 def _f(value, fmt: str = ".3f") -> str:

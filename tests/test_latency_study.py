@@ -1,0 +1,43 @@
+"""`compress latency-study`: the budget and capacity experiments end to end on a tiny network (resnet20 at
+16 px, ONNX Runtime, one thread timed by its CPU time, very short bench sessions). Asserts what the study
+records and writes, never a speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+
+def test_budget_and_capacity_write_json_and_doc(tmp_path):
+    docs, work = tmp_path / "docs", tmp_path / "work"
+    args = ["latency-study", "--budget-models", "resnet20", "--capacity-models", "resnet20", "--ratios", "0.6",
+            "--flops-ratio", "0.5", "--threads", "1", "--clock", "cpu", "--image-size", "16", "--bench-duration",
+            "0.05", "--work", str(work), "--docs", str(docs), "--cache-dir", str(tmp_path / "cache")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((docs / "latency.json").read_text())
+    (budget,) = results["budget"]
+    (row,) = budget["rows"]
+    assert row["ratio"] == 0.6 and row["measured"] > 0 and row["predicted"] is not None
+    assert row["within"] == (abs(row["measured"] / 0.6 - 1) <= 0.07)
+    (capacity,) = results["capacity"]["1"]
+    assert capacity["flops_targeted"]["flops_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert capacity["latency_targeted"]["predicted"] is not None and capacity["flops_kept"] > 0
+    doc = (docs / "latency.md").read_text()
+    assert "thread CPU time" in doc and "| resnet20 |" in doc and "latency-study:capacity:end" in doc
+
+    before = (work / "resnet20" / "latency-0.6-t1" / "report.json").stat().st_mtime_ns
+    res = CliRunner().invoke(main, [*args, "--parts", "budget"])      # the prune is reused, capacity kept
+    assert res.exit_code == 0, res.output
+    assert (work / "resnet20" / "latency-0.6-t1" / "report.json").stat().st_mtime_ns == before
+    assert "capacity" in json.loads((docs / "latency.json").read_text())
+
+
+def test_cpu_clock_needs_one_thread(tmp_path):
+    res = CliRunner().invoke(main, ["latency-study", "--threads", "2", "--clock", "cpu", "--docs", str(tmp_path)])
+    assert res.exit_code == 2 and "needs --threads 1" in res.stderr.strip()
+    assert not (tmp_path / "latency.json").exists()
