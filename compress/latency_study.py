@@ -81,17 +81,29 @@ def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
     started, load_start = time.perf_counter(), _loadavg()
     results: dict[str, Any] = {"config": asdict(config), "loadavg_start": load_start}
     json_path = docs / "latency.json"
-    if json_path.is_file():           # keep the other part's figures when only one part is re-run
-        previous = json.loads(json_path.read_text())
-        results.update({k: previous[k] for k in PARTS if k in previous and k not in config.parts})
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    # keep the figures of the parts and models not re-run now (a study can be run a few models at a time)
+    results["budget"] = [m for m in previous.get("budget", []) if m["model"] not in config.budget_models
+                         or "budget" not in config.parts]
+    results["capacity"] = {t: [m for m in rows if m["model"] not in config.capacity_models
+                               or "capacity" not in config.parts] for t, rows in previous.get("capacity", {}).items()}
+
+    def save() -> None:              # after every model: an interrupted study keeps what it measured
+        results.update(loadavg_end=_loadavg(), wall_s=round(time.perf_counter() - started, 1))
+        write_atomic(json_path, (json.dumps(results, indent=1) + "\n").encode())
+        _write_doc(results, docs / "latency.md")
+
     if "budget" in config.parts:
-        results["budget"] = [_budget_model(config, m, work) for m in config.budget_models]
+        for m in config.budget_models:
+            results["budget"].append(_budget_model(config, m, work))
+            save()
     if "capacity" in config.parts:
-        results["capacity"] = {str(t): [_capacity_model(config, m, t, work) for m in config.capacity_models]
-                               for t in config.threads}
-    results.update(loadavg_end=_loadavg(), wall_s=round(time.perf_counter() - started, 1))
-    write_atomic(json_path, (json.dumps(results, indent=1) + "\n").encode())
-    _write_doc(results, docs / "latency.md")
+        for t in config.threads:
+            rows = results["capacity"].setdefault(str(t), [])
+            for m in config.capacity_models:
+                rows.append(_capacity_model(config, m, t, work))
+                save()
+    save()
     return results
 
 
@@ -216,7 +228,7 @@ END = "<!-- latency-study:{part}:end -->"
 
 def _write_doc(results: dict[str, Any], path: Path) -> None:
     for part, body in (("budget", _budget_md), ("capacity", _capacity_md)):
-        if part in results:
+        if results.get(part):
             write_generated_block(path, BEGIN.format(part=part), END.format(part=part), body(results),
                                   new_file="# Pruning to a measured latency budget\n")
 
@@ -245,6 +257,8 @@ def _capacity_md(results: dict[str, Any]) -> str:
     c = results["config"]
     lines = []
     for threads, rows in results["capacity"].items():
+        if not rows:
+            continue
         kept = [r["flops_kept"] for r in rows]
         fid_f = [r["flops_targeted"]["fidelity"] for r in rows]
         fid_l = [r["latency_targeted"]["fidelity"] for r in rows]
