@@ -246,6 +246,8 @@ def _check_tokens(method_cls, flops_ratio: float | None, latency_ratio: float | 
                                 "follows from --token-keep); for channels and tokens use a channel method "
                                 "with --token-keep")
         tokens = tokens or TokenOptions()
+    elif flops_ratio is None and latency_ratio is None:
+        raise CompressError(f"--method {method_cls.name} needs --flops-ratio R or --latency-ratio R")
     elif tokens is not None and latency_ratio is not None:
         raise CompressError("--latency-ratio with token sparsification (--token-keep) is not supported yet; "
                             "give --flops-ratio")

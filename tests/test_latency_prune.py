@@ -69,7 +69,8 @@ def test_bench_shows_the_latency_target_error(cache, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--flops-ratio", "0.5", "--latency-ratio", "0.5"], "exactly one of --flops-ratio R or --latency-ratio R"),
-    ([], "exactly one of --flops-ratio R or --latency-ratio R"),
+    ([], "needs --flops-ratio R or --latency-ratio R"),
+    (["--latency-ratio", "0.5", "--token-keep", "0.7"], "--latency-ratio with token sparsification .* not supported"),
     (["--flops-ratio", "0.5", "--latency-threads", "2"], "--latency-threads goes with --latency-ratio"),
     (["--latency-ratio", "1.5"], r"--latency-ratio must be in \(0, 1\]"),
     (["--latency-ratio", "0.5", "--latency-backend", "tvm"], "unknown backend 'tvm'"),
