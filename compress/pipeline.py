@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from compress.budget import Budget, Meter, slimmed_copy
+from compress.budget import Budget, Meter, next_aim, slimmed_copy
 from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng, snapshot
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
@@ -48,7 +48,6 @@ from compress.tokens.training import check_model as check_token_model
 
 RATIO_TOLERANCE = 0.02
 BN_RECALIBRATION_IMAGES = BN_IMAGES
-CALIBRATION_ROUNDS = 4
 
 
 def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | None = None,
@@ -362,7 +361,8 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
     (fvcore, or the slimmed copy timed against the dense network on the target) confirms. Where they
     disagree (ops the FLOPs model cannot attribute, a prompt's own cost, tokens, what the latency tables
     do not see), the target handed to the model is corrected by the measured error and masks
-    re-selected, keeping the masks whose real ratio is closest to the target. `record` receives every
+    re-selected (`next_aim`: inside a bracket once there is one), keeping the masks whose real ratio is
+    closest to the target. `record` receives every
     round (aim, estimate, confirmed ratio) and the knapsack's figures. Masks a method returns itself
     (VPNs) were chosen against the cost model during its search; they are kept as they are (one round,
     unconfirmed: a latency target's slim model is measured afterwards).
@@ -381,7 +381,7 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
         return masks, estimate
     best, best_err, rounds = None, float("inf"), []
     aim = budget.ratio
-    for _ in range(CALIBRATION_ROUNDS):
+    for _ in range(budget.calibration_rounds):
         kept = select_counts(result.scores, groups, model, aim, scope=scope, round_to=round_to,
                              normalize=result.normalize, allocation=allocation, report=record)
         masks = masks_of_counts(result.scores, groups, kept)
@@ -392,7 +392,7 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
             best, best_err = (masks, estimate), abs(real - budget.ratio)
         if budget.within(real) or (budget.kind == "flops" and tokens is None and abs(real - estimate) < 1e-3):
             break   # on target, or the model was exact and only round-to granularity is left
-        aim = min(1.0, max(1e-6, aim + (budget.ratio - real)))
+        aim = next_aim([(r["aim"], r["confirmed"]) for r in rounds], budget.ratio)
     record["calibration"] = rounds
     return best
 

@@ -91,3 +91,15 @@ def test_unreachable_latency_names_the_smallest(cache, tmp_path):
     assert res.exit_code == 2 and not (tmp_path / "never").exists()
     line = res.stderr.strip()
     assert "\n" not in line and "--latency-ratio 0.01 is unreachable" in line and "smallest reachable is" in line
+
+
+def test_calibration_brackets_a_jumping_ratio():
+    """A confirmed ratio that jumps between nearby aims (latency's staircase): once the target is
+    bracketed the next aim interpolates inside the bracket instead of oscillating across the jump."""
+    from compress.budget import next_aim
+
+    assert next_aim([(0.5, 0.64)], 0.5) == pytest.approx(0.36)          # no bracket yet: moved by the error
+    aim = next_aim([(0.5, 0.64), (0.36, 0.34)], 0.5)
+    assert 0.36 < aim < 0.5 and aim == pytest.approx(0.36 + (0.5 - 0.34) / (0.64 - 0.34) * 0.14)
+    tighter = next_aim([(0.5, 0.64), (0.36, 0.34), (aim, 0.45)], 0.5)   # the bracket shrinks to [aim, 0.5]
+    assert aim < tighter < 0.5
