@@ -146,7 +146,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     report["stages_s"] = watch.stages
     report["wall_time_s"] = watch.total()
     if rt.is_main:
-        write_run(out, module, new_spec, _jsonable(report), extras=result.extras)
+        write_run(out, module, new_spec, _jsonable(report), extras=result.extras, files=result.files)
     rt.barrier()
     watch.lap("write", start)
     return report
@@ -230,7 +230,7 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         return SearchResult(scores=saved["scores"], masks=saved["masks"], normalize=saved["normalize"],
                             prompt=ctx.module.prompt if saved["prompt_spec"] is not None else None,
                             prompt_spec=saved["prompt_spec"], stages=saved["stages"], extras=saved["extras"],
-                            initial_masks=saved.get("initial_masks"))
+                            initial_masks=saved.get("initial_masks"), files=saved.get("files", {}))
     result = method_obj.search(ctx)
     if result.prompt is not None:
         if result.prompt_spec is None:
@@ -240,6 +240,7 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         "scores": result.scores, "masks": result.masks, "normalize": result.normalize,
         "prompt_spec": result.prompt_spec, "stages": _jsonable(result.stages), "extras": result.extras,
         "initial_masks": result.initial_masks,
+        "files": result.files,
         "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
     return result
 

@@ -138,10 +138,12 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[str, Any],
-              report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+              report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None,
+              files: dict[str, bytes] | None = None) -> Path:
     """Write a run directory under a temporary name, then rename it into place.
 
-    `extras` are further weights-only files (e.g. a PASS hypernetwork as "hypernet.pt").
+    `extras` are further weights-only files (e.g. a PASS hypernetwork as "hypernet.pt"); `files` any
+    other files, as bytes (e.g. a plot of the method's search).
 
     An existing *run* directory at `out_dir` is replaced; any other existing path is refused, so
     a typo can never delete user data.
@@ -155,6 +157,8 @@ def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[s
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name, payload in (extras or {}).items():
             torch.save(payload, tmp / name)
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "run")

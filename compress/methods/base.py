@@ -28,7 +28,7 @@ from compress.prompt import PROMPT_KINDS
 
 @dataclass(frozen=True)
 class MethodOption:
-    """One method-specific `compress prune` flag, e.g. MethodOption("--sparse-train-epochs", int, 0, "…")."""
+    """One method-specific `compress prune` flag, e.g. MethodOption("--lbi-epochs", int, 5, "…")."""
 
     flag: str
     type: Any                     # int, float, str, bool (an on/off flag) or a tuple of choices
@@ -100,6 +100,7 @@ class SearchResult:
     # The masks the method's *initial* scores give at the same target (before any search or sparse training):
     # report.json's "mask_overlap" says how far the search moved from them.
     initial_masks: dict[str, torch.Tensor] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)   # other files for the run directory (a plot)
 
 
 class Method:
