@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from compress.pruning.structure import layer_spec, widths
 from compress.pruning.target import SCOPES, check_ratio, mask_overlap, select_masks, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
+from compress.sparse import SparseConfig, sparse_train
 from compress.tokens import TokenSparseViT, backbone_of, sparsify, token_spec
 from compress.tokens.training import TokenOptions, frozen_predictors, train_tokens
 from compress.tokens.training import check_model as check_token_model
@@ -54,10 +56,12 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
               seed: int = 0, lr: float = 0.05, batch_size: int = 128, weight_decay: float = 5e-4,
               subset: int | None = None, method_options: dict[str, Any] | None = None,
               bn_recalibration: bool = True, resume: bool | str = False,
-              tokens: TokenOptions | None = None) -> dict[str, Any]:
+              tokens: TokenOptions | None = None, sparse_train_epochs: int = 0, sparse_reg: str | None = None,
+              sparse_lambda: float | None = None, sparse_alpha: float = 4.0) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) and write run `out`.
 
-    `flops_ratio` None (only with token sparsification): no channel is pruned.
+    `flops_ratio` None (only with token sparsification): no channel is pruned. `sparse_*`: sparse
+    training before the method ranks (compress/sparse.py).
 
     Returns report.json's content. Bad input raises CompressError before any output is written; an
     interruption raises `compress.checkpoint.Interrupted` with progress kept for `resume=True`.
@@ -65,14 +69,20 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
     method_cls = get_method(method)
     tokens = _check_tokens(method_cls, flops_ratio, tokens)
     _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size)
-    method_obj = method_cls(**(method_options or {}))
+    options = dict(method_options or {})
+    sparse = SparseConfig.from_flags(**{**dict(reg=sparse_reg, epochs=sparse_train_epochs, lam=sparse_lambda,
+                                                alpha=sparse_alpha), **_legacy_sparse_options(options)})
+    if sparse.epochs and not method_cls.prunes_channels:
+        raise CompressError(f"--sparse-train-epochs precedes a channel ranking; --method {method} prunes tokens only")
+    method_obj = method_cls(**options)
     settings = {"command": "prune", "data": data, "method": method, "flops_ratio": flops_ratio,
                 "source": str(source) if source is not None else None, "model": model, "checkpoint": checkpoint,
                 "weights": weights, "image_size": image_size, "scope": scope, "round_to": round_to,
                 "finetune_epochs": finetune_epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
                 "weight_decay": weight_decay, "subset": subset, "method_options": method_obj.config,
                 "bn_recalibration": bn_recalibration, "precision": current().precision,
-                "world_size": current().world_size, "tokens": asdict(tokens) if tokens else None}
+                "world_size": current().world_size, "tokens": asdict(tokens) if tokens else None,
+                "sparse": sparse.describe()}
     progress = Checkpoint(out, settings, resume=resume)
     with interruptible(progress):
         report = _prune(out, progress, method_obj, settings)
@@ -107,10 +117,10 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     if s["flops_ratio"] is None:         # tokens only: no channel is pruned
         groups, masks, estimate, digests, result, ctx = [], {}, 1.0, [], SearchResult(), None
         accuracy_slimmed = accuracy_before = dense["accuracy"]
-        history = []
+        history, sparse_report = [], None
     else:
-        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before,
-         history) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens)
+        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history,
+         sparse_report) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens)
     if tokens and tokens.order == "after":
         start = time.perf_counter()
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
@@ -137,6 +147,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
         "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
         "search": result.stages, **({"method_report": ctx.report} if ctx is not None and ctx.report else {}),
         "mask_overlap": mask_overlap(result.initial_masks, masks) if result.initial_masks is not None else None,
+        **({"sparse_train": sparse_report} if sparse_report else {}),
         "finetune_history": history,
         **({"tokens": {**s["tokens"], **new_spec["tokens"], "training": token_records}} if tokens else {}),
     }
@@ -154,8 +165,9 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
 
 def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
                     progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None) -> tuple:
-    """Groups → method search → masks on target → slim → BN re-estimation → fine-tune, on the ViT
-    inside a token-sparse module when there is one (its prediction modules stay as they are)."""
+    """Groups → [sparse training] → method search → masks on target → slim → BN re-estimation →
+    fine-tune, on the ViT inside a token-sparse module when there is one (its prediction modules stay
+    as they are). Returns what report.json needs, sparse training's record last (None: it did not run)."""
     rt = current()
     start = time.perf_counter()
     net = backbone_of(module.net)
@@ -171,6 +183,11 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
     ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,
                        flops_ratio=s["flops_ratio"], scope=s["scope"], round_to=s["round_to"], seed=s["seed"],
                        lr=s["lr"], batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress)
+    sparse_report = None
+    if s["sparse"]["epochs"]:
+        start = time.perf_counter()
+        sparse_report = sparse_train(ctx, SparseConfig.from_record(s["sparse"]), s["weight_decay"])
+        sparse_report["wall_s"] = watch.lap("sparse_train", start)
     start = time.perf_counter()
     result = _search(method_obj, ctx, progress)
     watch.lap("search", start)
@@ -197,7 +214,7 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
             history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
                                 checkpoint=progress).history
     watch.lap("finetune", start)
-    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history
+    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history, sparse_report
 
 
 def _check_tokens(method_cls, flops_ratio: float | None, tokens: TokenOptions | None) -> TokenOptions | None:
@@ -243,6 +260,17 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         "files": result.files,
         "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
     return result
+
+
+def _legacy_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """DepGraph's sparse-training options from before the pipeline stage (method_options keys
+    sparse_train_epochs / sparse_reg = group-lasso strength / sparse_alpha), moved out of `options`."""
+    names = {"sparse_train_epochs": "epochs", "sparse_reg": "reg", "sparse_alpha": "alpha"}
+    moved = {names[k]: options.pop(k) for k in list(options) if k in names}
+    if moved:
+        warnings.warn("sparse_train_epochs/sparse_reg/sparse_alpha are prune_run arguments now, not method options",
+                      FutureWarning, stacklevel=3)
+    return moved
 
 
 def _check_inputs(out, source, model, flops_ratio, scope, round_to, finetune_epochs, lr, batch_size) -> None:

@@ -46,7 +46,7 @@ def test_prune_writes_a_complete_run(depgraph_run, digits_run):
     assert report["flops"] < report["dense"]["flops"] and report["params"] < report["dense"]["params"]
     assert report["flops_ratio"] == pytest.approx(report["flops"] / report["dense"]["flops"], abs=1e-6)
     assert {"dense", "groups", "search", "target", "slim", "finetune"} <= set(report["stages_s"])
-    assert report["search"]["sparse_train"]["epochs"] == 1
+    assert report["sparse_train"]["epochs"] == 1 and report["sparse_train"]["reg"] == "group-lasso"
     spec = json.loads((out / "model.json").read_text())
     assert spec["layers"] and spec["widths"] == report["widths"]
     dense_widths = layer_widths(create_model("resnet20", 10, 16))
@@ -139,7 +139,7 @@ def test_unknown_method(digits_run, tmp_path):
 
 def test_option_of_another_method(digits_run, tmp_path):
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--method", "l1", "--flops-ratio", "0.5",
-                        "--sparse-train-epochs", "2"], "--sparse-train-epochs does not apply to method l1")
+                        "--lbi-epochs", "2"], "--lbi-epochs does not apply to method l1")
 
 
 def test_ungroupable_architecture(tmp_path):

@@ -332,11 +332,11 @@ def test_layer_spec_rejects_unknown_types():
 
 def test_registry_lists_baselines_and_their_options():
     assert {"l1", "depgraph", "random"} <= set(list_methods())
-    assert "--sparse-train-epochs" in {opt.flag for _m, opt in all_options()}
+    assert "--lbi-epochs" in {opt.flag for _m, opt in all_options()}
     with pytest.raises(CompressError, match="unknown method 'nope'"):
         get_method("nope")
     with pytest.raises(CompressError, match="has no option"):
-        get_method("l1")(sparse_train_epochs=3)
+        get_method("l1")(lbi_epochs=3)
 
 
 # ------------------------------------------------------------------ pipeline helpers

@@ -68,6 +68,9 @@ class PruneContext:
     stopwatch: Any                # compress.runs.Stopwatch (stages are recorded in report.json)
     checkpoint: Any = None        # compress.checkpoint.Checkpoint: pass it to run_stage so searches resume
     report: dict[str, Any] = field(default_factory=dict)   # method-specific keys for report.json
+    # When sparse training ran before the search: the dense weights' rankings ("l1", "group_l2"), so a method
+    # whose first scores are one of them can still report how far it moved from them (initial_masks).
+    before_sparse: dict[str, dict[str, torch.Tensor]] | None = None
 
     def select_masks(self, scores: dict[str, torch.Tensor], flops_ratio: float | None = None,
                      normalize: bool = True) -> dict[str, torch.Tensor]:
