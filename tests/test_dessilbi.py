@@ -1,4 +1,4 @@
-"""`compress prune --method dessilbi` end to end: the path in report.json, its plot, the target, bad input."""
+"""`--method dessilbi` end to end: the path in report.json, its plot, the target (flags: test_prune_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cli import main
+from compress.pipeline import prune_run
 from compress.runs import load
-
-
-def _prune(*args: str):
-    return CliRunner().invoke(main, ["prune", *args])
 
 
 @pytest.fixture(scope="module")
 def dessilbi_run(digits_run, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dessilbi") / "p"
-    res = _prune("--from", str(digits_run), "--data", "digits", "--method", "dessilbi", "--flops-ratio", "0.5",
-                 "--lbi-epochs", "2", "--finetune-epochs", "1", "--subset", "200", "--batch-size", "64",
-                 "--round-to", "1", "--out", str(out))
-    assert res.exit_code == 0, res.output
+    prune_run(out, source=digits_run, data="digits", method="dessilbi", flops_ratio=0.5, finetune_epochs=1,
+              subset=200, batch_size=64, round_to=1, method_options={"lbi_epochs": 2})
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -49,16 +42,3 @@ def test_it_hits_the_target_and_reloads(dessilbi_run):
     assert abs(report["flops_ratio"] - 0.5) <= 0.02
     module = load(out)
     assert module.spec["widths"] == report["widths"]
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--lbi-epochs", "0"], "--lbi-epochs must be at least 1"),
-    (["--lbi-nu", "-1"], "--lbi-nu must be > 0"),
-    (["--lbi-optimizer", "lamb"], "Invalid value for '--lbi-optimizer'"),
-    (["--lbi-threshold", "two"], "Invalid value for '--lbi-threshold'"),
-])
-def test_bad_lbi_flags_are_one_line_errors(digits_run, tmp_path, flags, message):
-    res = _prune("--from", str(digits_run), "--data", "digits", "--method", "dessilbi", "--flops-ratio", "0.5",
-                 "--out", str(tmp_path / "p"), *flags)
-    assert res.exit_code == 2 and message in res.output
-    assert "Traceback" not in res.output and not (tmp_path / "p").exists()

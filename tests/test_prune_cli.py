@@ -142,6 +142,18 @@ def test_option_of_another_method(digits_run, tmp_path):
                         "--lbi-epochs", "2"], "--lbi-epochs does not apply to method l1")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "dessilbi", "--lbi-epochs", "0"], "--lbi-epochs must be at least 1"),
+    (["--method", "dessilbi", "--lbi-nu", "-1"], "--lbi-nu must be > 0"),
+    (["--method", "depgraph", "--sparse-train-epochs", "1", "--sparse-reg", "l2"],
+     "--sparse-reg must be one of l1, group-lasso"),
+    (["--method", "depgraph", "--sparse-lambda", "0.1"], "take effect only with --sparse-train-epochs"),
+    (["--method", "l1", "--sparse-train-epochs", "-1"], "--sparse-train-epochs must be ≥ 0"),
+])
+def test_bad_dessilbi_and_sparse_training_values(digits_run, tmp_path, flags, message):
+    _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--flops-ratio", "0.5", *flags], message)
+
+
 def test_ungroupable_architecture(tmp_path):
     _refused(tmp_path, ["--model", "shufflenet_v2_x0_5", "--data", "synthetic:20", "--method", "l1",
                         "--flops-ratio", "0.5"], "cannot group the channels of this network: operation ViewBackward0")

@@ -51,15 +51,3 @@ def test_depgraphs_old_method_options_move_to_the_stage():
     with pytest.warns(FutureWarning, match="prune_run arguments"):
         moved = _legacy_sparse_options(options)
     assert options == {"other": 1} and moved == {"epochs": 3, "reg": 1e-3, "alpha": 2.0}
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--sparse-train-epochs", "1", "--sparse-reg", "l2"], "--sparse-reg must be one of l1, group-lasso"),
-    (["--sparse-lambda", "0.1"], "take effect only with --sparse-train-epochs"),
-    (["--sparse-train-epochs", "-1"], "--sparse-train-epochs must be ≥ 0"),
-])
-def test_bad_sparse_flags_are_one_line_errors(digits_run, tmp_path, flags, message):
-    res = _prune("--from", str(digits_run), "--data", "digits", "--method", "depgraph", "--flops-ratio", "0.5",
-                 "--out", str(tmp_path / "p"), *flags)
-    assert res.exit_code == 2 and message in res.output
-    assert "Traceback" not in res.output and not (tmp_path / "p").exists()
