@@ -184,8 +184,8 @@ def _sparse_flags(fn):
 @click.option("--weights", help="torchvision weights enum for --model (needs internet).")
 @click.option("--image-size", type=int, help="Input size for --model (default: the dataset's own).")
 @click.option("--data", required=True, help=DATA_HELP)
-@click.option("--method", required=True, help="l1 | depgraph | random | vpns | pass | dynamicvit (every registered "
-              "method).")
+@click.option("--method", required=True, help="l1 | depgraph | dessilbi | random | vpns | pass | dynamicvit (every "
+              "registered method).")
 @click.option("--flops-ratio", type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1] (the whole module's, "
               "tokens included); not with --method dynamicvit, whose FLOPs follow from --token-keep.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory to write (replaced if it is a run).")
