@@ -25,12 +25,16 @@ from compress.errors import CompressError
 from compress.files import write_atomic, write_generated_block
 from compress.progress import console
 
-DEFAULT_METHODS = ("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none")
+# Every method gets the same training after the dense parent: 2 epochs of search or sparse training (VPNs: 1
+# warm-up + 1 score epoch; PASS: 2 hypernetwork epochs; DessiLBI: 2 path epochs) + the study's fine-tuning.
+DEFAULT_METHODS = ("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none", "dessilbi:lbi-epochs=2",
+                   "l1:sparse-reg=l1:sparse-train-epochs=2", "depgraph:sparse-reg=group-lasso:sparse-train-epochs=2")
 # The papers' setting: every learned method with and without its prompt and with its search switched off
-# (the controls), against L1 and DepGraph with progressive pruning, with and without sparse learning.
+# (the controls), against L1 and DepGraph with progressive pruning, with and without sparse learning, and DessiLBI.
 PRETRAINED_METHODS = ("l1", "depgraph:iterative-steps=4", "depgraph:iterative-steps=4:sparse-train-epochs=2",
                       "vpns", "vpns:prompt=none", "vpns:score-epochs=0",
-                      "pass", "pass:prompt=none", "pass:hypernet-epochs=0")
+                      "pass", "pass:prompt=none", "pass:hypernet-epochs=0",
+                      "dessilbi:lbi-epochs=2", "l1:sparse-reg=l1:sparse-train-epochs=2")
 KEY_FILE = "study.json"   # in each run the study made: the settings it was made with
 # Recorded in every run's key: 2 since `--prompt pad` is the reference's full-resolution frame (older "pad"
 # runs used the shrinking prompt, now resize-pad, and must not be reused).
