@@ -154,9 +154,10 @@ def test_bad_dessilbi_and_sparse_training_values(digits_run, tmp_path, flags, me
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--flops-ratio", "0.5", *flags], message)
 
 
-def test_ungroupable_architecture(tmp_path):
-    _refused(tmp_path, ["--model", "shufflenet_v2_x0_5", "--data", "synthetic:20", "--method", "l1",
-                        "--flops-ratio", "0.5"], "cannot group the channels of this network: operation ViewBackward0")
+def test_dependency_analysis_over_its_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_ANALYSIS_MAX_S", "0")
+    _refused(tmp_path, ["--model", "resnet18", "--data", "synthetic:20", "--method", "l1", "--flops-ratio", "0.5"],
+             "dependency analysis of this network was stopped: it ran longer than 0 s")
 
 
 def test_from_a_directory_that_is_not_a_run(tmp_path):

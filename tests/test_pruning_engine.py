@@ -107,18 +107,39 @@ def test_grouped_convolutions_prune_whole_positions_per_group():
     assert tiled and all(g.channels == g.width * g.unit_channels for g in tiled)
 
 
-def test_ungroupable_op_is_named():
+def test_ungroupable_op_is_excluded_by_name_and_a_network_of_them_refused():
     class Rolled(nn.Module):
-        def __init__(self):
+        def __init__(self, roll_both: bool):
             super().__init__()
             self.a, self.b, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 2)
+            self.roll_both = roll_both
 
         def forward(self, x):
             x = torch.roll(self.a(x), 1, dims=1)          # shifts channels: removal ≠ zeroing
-            return self.fc(self.b(x).mean((2, 3)))
+            x = self.b(x)
+            if self.roll_both:
+                x = torch.roll(x, 1, dims=1)
+            return self.fc(x.mean((2, 3)))
 
-    with pytest.raises(CompressError, match=r"layer a: operation RollBackward0"):
-        find_groups(Rolled(), _x(n=1))
+    groups = find_groups(Rolled(roll_both=False), _x(n=1))
+    assert [g.id for g in groups] == ["b"]
+    assert groups[0].graph.excluded == [("a", "operation RollBackward0 on its path is not known to keep channels "
+                                               "separate")]
+    with pytest.raises(CompressError, match=r"no channel group of this network can be pruned exactly — a: "
+                                            r"operation RollBackward0"):
+        find_groups(Rolled(roll_both=True), _x(n=1))
+
+
+def test_the_guard_stops_memory_growth_with_a_one_line_error():
+    from compress.pruning.guard import guarded
+
+    hoard = []
+    with pytest.raises(CompressError, match=r"^the test was stopped: it needed more than 0.2 GiB"), \
+            guarded("the test", max_memory_gb=0.2, max_seconds=60):
+        while True:
+            hoard.append(b"x" * 2**20)
+    assert len(hoard) < 2000
+    hoard.clear()
 
 
 # ------------------------------------------------------------------ gates
