@@ -95,6 +95,11 @@ class ChannelGroup:
     graph: GroupGraph | None = field(default=None, repr=False)
     roots: list[str] = field(default_factory=list)   # the root layers of the Torch-Pruning groups it merges
 
+    def tp_roots(self) -> list[tuple[nn.Module, object, torch.Tensor]]:
+        """Torch-Pruning's view of the group: per root layer, (module, its pruning function, the unit of each
+        of its output channels); one root, or several where ties merged Torch-Pruning groups."""
+        return self.graph.tp_roots[self.id]
+
     @property
     def flops_share(self) -> float:
         """Fraction of dense FLOPs that scales with this group's width (vanishes if it kept nothing);
@@ -113,6 +118,7 @@ class GroupGraph:
         self.groups: list[ChannelGroup] = []
         # group id -> the Torch-Pruning pruning steps of its layers: (dependency, channel idx, unit of each)
         self.actions: dict[str, list[tuple[object, torch.Tensor, torch.Tensor]]] = {}
+        self.tp_roots: dict[str, list[tuple[nn.Module, object, torch.Tensor]]] = {}   # see ChannelGroup.tp_roots
         self.calls = CallRecord()
         self.slimmed = False
         self._flops_model = None
@@ -176,6 +182,7 @@ class _Raw:
     """One Torch-Pruning group as read: its layers and ops with their indices and root indices."""
 
     root: str
+    root_dep: object                                                    # TP dependency of the root layer
     channels: int
     layers: list[tuple[str, nn.Module, str, list[int], list[int]]]      # (name, module, side, idxs, root idxs)
     kinds: dict[str, str]
@@ -206,7 +213,8 @@ def _read(graph: GroupGraph, tp_group) -> _Raw:
         is_out, is_in = dg.is_out_channel_pruning_fn(handler), dg.is_in_channel_pruning_fn(handler)
         side = "local" if (is_out and is_in) or isinstance(mod, nn.Parameter) else ("out" if is_out else "in")
         layers.append((name, mod, side, idxs, root_idxs))
-    raw = _Raw(root_name, len(tp_group[0].idxs), layers, {n: _layer_kind(m) for n, m, *_ in layers}, actions, at)
+    kinds = {n: _layer_kind(m) for n, m, *_ in layers}
+    raw = _Raw(root_name, tp_group[0].dep, len(tp_group[0].idxs), layers, kinds, actions, at)
     raw.reason = _why_not(graph, raw, ops)
     return raw
 
@@ -336,6 +344,8 @@ def _group(graph: GroupGraph, raws: list[_Raw], offsets: list[int], units: _Unio
     kind = "tied" if tied or len(raws) > 1 else head.kind
     unit_channels = head.channels // width if head.channels % width == 0 and kind != "tied" else 1
     graph.actions[head.root] = actions
+    graph.tp_roots[head.root] = [(raws[i].root_dep.target.module, raws[i].root_dep.handler,
+                                  unit_of(i, list(range(raws[i].channels)))) for i in ranked]
     return ChannelGroup(id=head.root, width=width, channels=head.channels,
                         members=list(dict.fromkeys(m.name for m in items)), depth=0.0, kind=kind,
                         unit_channels=max(1, unit_channels), items=items, graph=graph, roots=[r.root for r in raws])
