@@ -3,7 +3,8 @@
 Property-based over masks (hypothesis), one architecture family per case: residual adds, concat,
 depthwise and grouped convolutions, SE blocks, LayerNorm-excluded residual streams and attention
 heads, channel shuffles (a toy net whose shuffled channels stay prunable, and ShuffleNetV2, whose
-shuffles tie whole stage streams). Weights and BN statistics are randomised so that every channel
+shuffles tie whole stage streams), a shifted-window transformer and timm models (DeiT's heads through
+its split attention, EfficientNet's BatchNormAct2d). Weights and BN statistics are randomised so that every channel
 matters.
 """
 
@@ -21,7 +22,8 @@ from compress.models import create_model
 from compress.pruning import Gates, find_groups, slim
 
 SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
-         "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny"]
+         "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny", "timm:deit_tiny_patch16_224",
+         "timm:efficientnet_b0"]
 LARGE = ["resnet50", "vgg16_bn", "densenet121", "convnext_tiny", "vit_b_16"]   # one example each: time budget
 SIZE = 32
 
