@@ -130,6 +130,26 @@ def test_ungroupable_op_is_excluded_by_name_and_a_network_of_them_refused():
         find_groups(Rolled(roll_both=True), _x(n=1))
 
 
+def test_a_split_at_fixed_sizes_excludes_its_group_a_chunk_ties_it():
+    class Split(nn.Module):
+        def __init__(self, chunk: bool):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+            self.b, self.c = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.chunk, self.half = chunk, 4
+
+        def forward(self, x):
+            x = self.a(x)
+            left, right = x.chunk(2, dim=1) if self.chunk else x.split(self.half, dim=1)   # split(k): k is fixed
+            return self.fc(torch.cat([self.b(left), self.c(right)], 1).mean((2, 3)))
+
+    groups = find_groups(Split(chunk=False), _x(n=1))
+    assert "a" not in [g.id for g in groups]
+    assert "sizes fixed in the model code" in dict(groups[0].graph.excluded)["a"]
+    tied = next(g for g in find_groups(Split(chunk=True), _x(n=1)) if g.id == "a")
+    assert tied.kind == "tied" and tied.width == 4
+
+
 def test_the_guard_stops_memory_growth_with_a_one_line_error():
     from compress.pruning.guard import guarded
 

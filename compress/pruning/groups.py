@@ -239,7 +239,7 @@ def _why_not(graph: GroupGraph, raw: _Raw, ops) -> str | None:
         if len(tiles) > 1 or not identity or raw.channels % next(iter(tiles)):
             return f"grouped convolutions with different group counts {sorted(tiles)} share it"
         raw.kind = "tiled"
-    unsafe = _unsafe_op(ops, is_heads=raw.kind == "heads", unmapped=getattr(graph.dg, "unmapped", set()))
+    unsafe = _unsafe_op(ops, is_heads=raw.kind == "heads", unsafe=getattr(graph.dg, "unsafe", {}))
     if unsafe:
         return f"operation {unsafe} on its path is not known to keep channels separate"
     return None
@@ -383,14 +383,14 @@ def _head_dim(net: nn.Module, raw) -> int | None:
     return None
 
 
-def _unsafe_op(ops, is_heads: bool, unmapped: set) -> str | None:
+def _unsafe_op(ops, is_heads: bool, unsafe: dict) -> str | None:
     """The first op of a group that may mix its channels (so gating ≠ slimming), or None."""
     for node in ops:
         fn = node.grad_fn
         op = fn.name() if fn is not None and hasattr(fn, "name") else type(node.module).__name__
         kind = node.module.__class__.__name__
-        if node in unmapped:
-            return f"{op} (a split or concatenation that reads one tensor at several places)"
+        if node in unsafe:
+            return f"{op} ({unsafe[node]}: the slimmed code would not follow the removed channels)"
         if kind in ("_SplitOp", "_SliceOp"):
             fixed = _fixed_channel_cut(fn)
             if fixed:
@@ -411,8 +411,9 @@ def _unsafe_op(ops, is_heads: bool, unmapped: set) -> str | None:
 
 
 def _fixed_channel_cut(fn) -> str | None:
-    """For a split or slice along the channel dimension whose sizes the model code fixes (explicit split
-    sizes, slice bounds inside the tensor), what it is; None for run-time equal splits and other dims."""
+    """For a split or slice along the channel dimension that a slimmed network would still cut at its dense
+    sizes (explicit split sizes, slice bounds inside the tensor), what it is; None for equal splits along
+    dim 1 (layout.py decides those) and for other dims."""
     sizes = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
     dim = getattr(fn, "_saved_dim", None)
     if not sizes or dim is None:
@@ -421,9 +422,10 @@ def _fixed_channel_cut(fn) -> str | None:
     if dim % len(sizes) != channel_dim:
         return None
     name = fn.name()
-    if name == "SplitBackward0":
-        size = int(fn._saved_split_size)
-        return None if channel_dim == 1 and sizes[dim] % size == 0 else "an uneven channel split"
+    if name == "SplitBackward0":        # chunks along dim 1 are tied (layout.py); cuts at fixed sizes are unsafe there
+        if channel_dim != 1:
+            return "a split of the channel dimension of a token tensor"
+        return None if sizes[dim] % int(fn._saved_split_size) == 0 else "an uneven channel split"
     if name == "SplitWithSizesBackward0":
         return "a channel split into fixed sizes"
     if name == "SliceBackward0":

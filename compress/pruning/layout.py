@@ -95,19 +95,23 @@ def mark_shuffles(dg) -> list[Tie]:
     return ties
 
 
-def map_splits(dg) -> set:
-    """Map every channel split of `dg` edge by edge (see the module docstring); returns the split nodes
-    that cannot be mapped (a consumer reading several outputs, unknown sizes), to be treated as unsafe."""
+def map_splits(dg, chunks: set) -> dict:
+    """Map every channel split of `dg` edge by edge (see the module docstring); returns {node: reason} for
+    the splits a slimmed network would get wrong: a consumer reading several outputs (unmappable), or
+    a cut at sizes the model code fixes (`split(k)`, `split([a, b])`: only `chunk`s, whose autograd
+    nodes are in `chunks`, recompute their sizes from the slimmed width)."""
     from torch_pruning.dependency.index_mapping import _SplitIndexMapping
 
-    unmapped = set()
+    unsafe = {}
     for node in dg.module2node.values():
         layout = _split_layout(node)
         if layout is None:
             continue
         pieces, reads = layout
+        if node.grad_fn not in chunks:
+            unsafe[node] = "a channel split at sizes fixed in the model code"
         if reads is None:
-            unmapped.add(node)
+            unsafe[node] = "a split whose outputs are read together"
             continue
         node.enable_index_mapping = False      # Torch-Pruning would overwrite the edges by position
         for consumer, nr in reads.items():
@@ -118,16 +122,17 @@ def map_splits(dg) -> set:
             for dep in consumer.dependencies:
                 if dep.target is node:
                     dep.index_mapping[0] = _SplitIndexMapping(offset=[start, end], reverse=True)
-    return unmapped
+    return unsafe
 
 
-def map_concats(dg, cats: dict) -> set:
+def map_concats(dg, cats: dict) -> dict:
     """Map the inputs of every concatenation of `dg` whose input shapes were recorded (`cats`: autograd
-    node -> (dim, input shapes)); returns those that cannot be mapped (one producer at two places)."""
+    node -> (dim, input shapes)); returns {node: reason} for those that cannot be mapped (one producer
+    at two places)."""
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 
     by_fn = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
-    unmapped = set()
+    unsafe = {}
     for node in dg.module2node.values():
         if type(node.module).__name__ != "_ConcatOp" or node.grad_fn not in cats:
             continue
@@ -140,7 +145,7 @@ def map_concats(dg, cats: dict) -> set:
             bounds.append(bounds[-1] + int(shape[dim]))
         producers = [by_fn.get(f) for f, _nr in node.grad_fn.next_functions]
         if len(producers) != len(shapes) or len({id(p) for p in producers if p}) < sum(1 for p in producers if p):
-            unmapped.add(node)
+            unsafe[node] = "a concatenation of one tensor at several places"
             continue
         node.module.concat_sizes = [int(shape[dim]) for shape in shapes]
         node.module.offsets = bounds
@@ -154,7 +159,7 @@ def map_concats(dg, cats: dict) -> set:
             for dep in producer.dependencies:
                 if dep.target is node:
                     dep.index_mapping[1] = _ConcatIndexMapping(offset=offset, reverse=False)
-    return unmapped
+    return unsafe
 
 
 def fix_split_sizes(dg) -> None:
@@ -196,13 +201,14 @@ def _split_layout(node):
 
 
 def equal_splits(dg) -> list[Tie]:
-    """Channel splits into equal blocks computed at run time (`chunk`): their positions are tied."""
+    """Channel splits into equal blocks computed at run time (`chunk`): their positions are tied (other
+    splits are unsafe, see `map_splits`)."""
     import torch_pruning as tp
 
     ties = []
     for node in dg.module2node.values():
         fn = node.grad_fn
-        if node.type != tp.ops.OPTYPE.SPLIT or fn is None or fn.name() != "SplitBackward0":
+        if node.type != tp.ops.OPTYPE.SPLIT or fn is None or fn.name() != "SplitBackward0" or node in dg.unsafe:
             continue
         sizes = tuple(getattr(fn, "_saved_self_sym_sizes", ()))
         if getattr(fn, "_saved_dim", None) != 1 or len(sizes) < 2:

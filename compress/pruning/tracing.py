@@ -20,6 +20,7 @@ from compress.errors import CompressError
 from compress.pruning.guard import MappingRunaway
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
+_CHUNKS = (torch.chunk, torch.Tensor.chunk)   # sizes computed from the width at run time
 
 
 def _graph_class():
@@ -30,14 +31,15 @@ def _graph_class():
     class LayoutAwareGraph(tp.DependencyGraph):
         """Torch-Pruning's graph, with channel shuffles mapped as permutations (their ties in `.ties`),
         splits mapped by the output each consumer reads and concatenations by their recorded input
-        shapes (layout.py; the ones that cannot be mapped in `.unmapped`). Set `.cats` before building."""
+        shapes (layout.py); `.unsafe` holds the ones that cannot be mapped or that cut at fixed sizes. Set
+        `.calls` (the CallRecord of the traced forward pass) before building."""
 
-        cats: dict = {}
+        calls: CallRecord | None = None
 
         def _build_dependency(self, module2node):
             super()._build_dependency(module2node)
             self.ties = mark_shuffles(self)
-            self.unmapped = map_splits(self) | map_concats(self, self.cats)
+            self.unsafe = {**map_splits(self, self.calls.chunks), **map_concats(self, self.calls.cats)}
 
         def get_pruning_group(self, module, pruning_fn, idxs):
             fix_split_sizes(self)
@@ -50,7 +52,7 @@ def trace(net: nn.Module, example_input: torch.Tensor, calls: CallRecord):
     """Torch-Pruning's dependency graph of `net` (a one-line CompressError when tracing fails); run it
     inside `record_calls`, whose record `calls` supplies the concatenation shapes."""
     dg = _graph_class()()
-    dg.cats = calls.cats
+    dg.calls = calls
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,10 +109,12 @@ class CallRecord:
         self.by_grad_fn: dict[object, str] = {}
         self.channels: dict[str, int] = {}
         self.cats: dict[object, tuple[int, list[tuple[int, ...]]]] = {}   # cat's autograd node -> (dim, shapes)
+        self.chunks: set = set()      # autograd nodes of splits made by chunk() (the others cut at fixed sizes)
 
 
-class _CatShapes(TorchFunctionMode):
-    """Records the dim and input shapes of every concatenation that builds an autograd node."""
+class _LayoutCalls(TorchFunctionMode):
+    """Records the dim and input shapes of every concatenation that builds an autograd node, and which
+    splits are chunks (equal parts of whatever width there is) rather than cuts at given sizes."""
 
     def __init__(self, rec: CallRecord):
         super().__init__()
@@ -123,6 +127,8 @@ class _CatShapes(TorchFunctionMode):
             tensors = args[0] if args else kwargs["tensors"]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             self.rec.cats[out.grad_fn] = (dim % out.dim(), [tuple(t.shape) for t in tensors])
+        elif func in _CHUNKS and isinstance(out, tuple) and out and getattr(out[0], "grad_fn", None) is not None:
+            self.rec.chunks.add(out[0].grad_fn)
         return out
 
 
@@ -143,7 +149,7 @@ def record_calls(net: nn.Module):
     hooks = [m.register_forward_pre_hook(before) for m in net.modules()]
     hooks += [m.register_forward_hook(after) for m in net.modules() if not list(m.children())]
     try:
-        with _CatShapes(rec):
+        with _LayoutCalls(rec):
             yield rec
     finally:
         for h in hooks:
