@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 TRACEBACK = "Traceback (most recent call last)"
-POLL_S = 0.25
+POLL_S = 0.1
 
 
 @dataclass
