@@ -156,3 +156,15 @@ def test_a_model_that_reads_version_metadata_reloads_in_a_fresh_process(tmp_path
         assert abs(float(done.stdout.split()[-1]) - expected) <= 1e-4 * max(1.0, abs(expected))
         plain = dict(torch.load(run / "model.pt", weights_only=True))        # drops the metadata
         torch.save(plain, run / "model.pt")
+
+
+def test_checkpoint_in_a_training_script_wrapper_without_version_metadata(tmp_path):
+    from compress.models import create_model
+    from compress.training import build_dense
+
+    torch.manual_seed(0)
+    weights = {k: v.clone() for k, v in create_model("mnasnet0_5", 10, 32).state_dict().items()}   # no _metadata
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": weights, "epoch": 3}, path)
+    module, _spec, _data = build_dense("mnasnet0_5", "synthetic:20", image_size=32, checkpoint=str(path))
+    assert all(torch.equal(module.net.state_dict()[k], v) for k, v in weights.items())
