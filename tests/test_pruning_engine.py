@@ -304,7 +304,7 @@ def test_group_l2_is_torch_pruning_group_magnitude_importance(name):
     reference = tp.importance.GroupMagnitudeImportance(p=2)
     graph = groups[0].graph
     for g in groups:
-        root, fn = graph.roots[g.id]
+        [(root, fn, _unit_of)] = g.tp_roots()
         theirs = reference(graph.dg.get_pruning_group(root, fn, list(range(g.channels))))
         assert torch.allclose(ours[g.id], theirs.float(), rtol=1e-4, atol=1e-6), g.id
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compress.models import create_model
-from compress.pruning import Gates, find_groups, slim
+from compress.pruning import Gates, find_groups, group_l2_scores, l1_scores, slim
 
 SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
          "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny", "timm:deit_tiny_patch16_224",
@@ -145,6 +145,8 @@ def test_a_channel_shuffle_ties_positions_across_branches():
     assert len(tied) == 1 and set(tied[0].roots) == {"a", "b"}
     assert tied[0].width == 6   # 24 channels: 2 shuffle blocks x 2 split halves tie 4 channels per unit
     assert not groups[0].graph.excluded
+    for scores in (l1_scores(groups), group_l2_scores(groups)):     # every root of the tied group counts
+        assert (scores[tied[0].id] > 0).all()
 
 
 def test_a_runaway_channel_mapping_excludes_its_group_and_stays_small():

@@ -38,6 +38,13 @@ class TimmFamily:
     def default_adapt(self, name: str, image_size: int) -> str | None:
         return None
 
+    def normalization(self, name: str, weights: str | None) -> tuple[list[float], list[float]] | None:
+        """The input statistics timm's pretrained weights expect (None without weights)."""
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name[len(PREFIX):])
+        return (list(cfg.mean), list(cfg.std)) if weights and cfg is not None else None
+
     def create(self, name: str, num_classes: int, image_size: int, adapt: str | None, weights: str | None) -> nn.Module:
         import timm
 
