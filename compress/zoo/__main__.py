@@ -74,14 +74,12 @@ def run(*, families: str, models: str | None, methods: str, sizes: str, data: st
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     known = _read(results_path) if not fresh else {}
     smallest = dict(known.get("sizes", {}))
+    if "min" in size_modes:
+        _probe_sizes([n for n in names if n not in smallest], smallest, cfg, results_path)
     entries = []
     for name in names:
         sizes_of = []
         if "min" in size_modes:
-            if name not in smallest:
-                smallest[name] = _probe(name, cfg)
-                _save_sizes(results_path, smallest)
-                click.echo(f"{name}: smallest input {smallest[name]} px", err=True)
             sizes_of.append(smallest[name] or MAX_PX)    # none: the prune step says why it does not run
         if "224" in size_modes and (models or name in COMMON_224) and 224 not in sizes_of:
             sizes_of.append(224)
@@ -117,12 +115,30 @@ def _names(families: str, models: str | None) -> list[str]:
     return names
 
 
-def _probe(name: str, cfg: SweepConfig) -> int | None:
-    """The smallest input size of `name` (in a child process: building some models takes gigabytes)."""
-    code = f"from compress.zoo import smallest_size; print(smallest_size({name!r}, {MIN_PX}, {MAX_PX}))"
-    outcome = run_measured([sys.executable, "-c", code], max_rss_gb=cfg.max_rss_gb, timeout_s=cfg.timeout_s)
-    last = outcome.stdout.strip().splitlines()[-1] if outcome.stdout.strip() else ""
-    return int(last) if outcome.rc == 0 and last.isdigit() else None
+def _probe_sizes(names: list[str], smallest: dict[str, int | None], cfg: SweepConfig, results_path: Path) -> None:
+    """Fill `smallest` with the smallest input size of each of `names`, saving as it goes. All are probed in
+    one child process (building some models takes gigabytes; one process starts torch once, not per model);
+    the models that child did not finish (killed by the cap, crashed) are probed again one per process."""
+    if not names:
+        return
+    found = _probe(names, cfg)
+    for name in names:
+        smallest[name] = found[name] if name in found else _probe([name], cfg).get(name)
+        click.echo(f"{name}: smallest input {smallest[name]} px", err=True)
+    _save_sizes(results_path, smallest)
+
+
+def _probe(names: list[str], cfg: SweepConfig) -> dict[str, int | None]:
+    """`{name: smallest size or None}` for the models a child process finished probing."""
+    code = ("import sys\nfrom compress.zoo import smallest_size\nfor name in sys.argv[1:]:\n"
+            f"    print('probed', name, smallest_size(name, {MIN_PX}, {MAX_PX}), flush=True)")
+    outcome = run_measured([sys.executable, "-c", code, *names], max_rss_gb=cfg.max_rss_gb, timeout_s=cfg.timeout_s)
+    found: dict[str, int | None] = {}
+    for line in outcome.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "probed" and parts[1] in names:
+            found[parts[1]] = int(parts[2]) if parts[2].isdigit() else None
+    return found
 
 
 def _read(path: Path) -> dict:
