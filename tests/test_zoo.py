@@ -9,6 +9,7 @@ refusal, and a memory hog must be killed by the sweep's cap.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from compress.errors import CompressError
 from compress.models import create_model, list_models
 from compress.pruning import apply_layer_spec, find_groups, layer_spec, slim
-from compress.zoo import Entry, SweepConfig, run_entry
+from compress.zoo import Entry, SweepConfig, doc, run_entry, sweep
 from compress.zoo.proc import run_measured
 
 
@@ -75,11 +76,24 @@ def test_prune_reload_export_in_fresh_processes(tmp_path, model, method):
     assert not any(tmp_path.iterdir()), "the sweep leaves nothing behind without --keep"
 
 
-def test_a_refusal_is_recorded_with_its_reason(tmp_path):
-    record = run_entry(Entry("inception_v3", 32, "l1"), SMALL_SWEEP, tmp_path)
+def test_a_refusal_is_recorded_with_its_reason_and_a_stopped_sweep_says_what_it_did_not_reach(tmp_path):
+    results, command = tmp_path / "zoo.json", "python -m compress.zoo --models inception_v3"
+    entries = [Entry("inception_v3", 32, "l1"), Entry("inception_v3", 32, "depgraph")]
+
+    def stop(record, i, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(entries, SMALL_SWEEP, results, tmp_path / "work", command=command, on_record=stop)
+    saved = json.loads(results.read_text())
+    [record] = saved["records"]
     assert record["status"] == "refused" and record["stage"] == "prune"
     assert record["reason"].startswith("inception_v3 does not run on 32 px inputs")
     assert not record["prune"]["traceback"]
+    assert saved["commands"] == [command] and saved["planned"] == [e.key for e in entries]
+    text = doc.render(saved)
+    assert f"`{command}`" in text and "Not run (1 of 2 planned entries" in text
+    assert "`inception_v3@32/depgraph`" in text
 
 
 def test_the_sweep_kills_a_step_above_its_memory_cap():

@@ -62,8 +62,7 @@ def run(*, families: str, models: str | None, methods: str, sizes: str, data: st
     if docs_only:
         if not results_path.is_file():
             raise CompressError(f"--docs-only needs the records at {results_path}")
-        recorded = json.loads(results_path.read_text())
-        doc.write(docs_path, recorded, recorded.get("commands") or [command])
+        doc.write(docs_path, json.loads(results_path.read_text()))
         return
     cfg = SweepConfig(data=data, flops_ratio=flops_ratio, finetune_epochs=finetune_epochs, batch_size=batch_size,
                       max_rss_gb=max_rss_gb, timeout_s=timeout, keep=keep)
@@ -90,11 +89,10 @@ def run(*, families: str, models: str | None, methods: str, sizes: str, data: st
                    + (f" ({record['stage']}: {record['reason']})" if record["reason"] else "")
                    + f"  {record['wall_s']:.0f} s", err=True)
 
-    out = sweep(entries, cfg, results_path, Path(work), fresh=fresh, on_record=report)
+    out = sweep(entries, cfg, results_path, Path(work), fresh=fresh, command=command, on_record=report)
     out["sizes"] = smallest
-    out["commands"] = [c for c in out.get("commands", []) if c != command] + [command]   # a resumed sweep's too
     write_atomic(results_path, (json.dumps(out, indent=1) + "\n").encode())
-    doc.write(docs_path, out, out["commands"])
+    doc.write(docs_path, out)
     for family, figures in doc.summary(out["records"]).items():
         click.echo(f"{family}: {figures}")
 

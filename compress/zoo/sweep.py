@@ -143,16 +143,28 @@ def _parse_accuracy(stdout: str) -> float | None:
 
 
 def sweep(entries: list[Entry], cfg: SweepConfig, results_path: Path, work: Path, *, fresh: bool = False,
-          on_record: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, Any]:
+          command: str | None = None, on_record: Callable[[dict[str, Any], int, int], None] | None = None
+          ) -> dict[str, Any]:
     """Run every entry not already in `results_path` (all of them with `fresh`), saving after each.
-    Other keys of the results file are kept."""
-    results = _read_results(results_path) if not fresh else {}
+
+    Before the first entry runs, the results file gets the sweep's `command` and the keys of the entries
+    it plans (added to those of earlier sweeps into the same file), so that a sweep stopped early still
+    says what made its records and what it did not reach. Other keys of the results file are kept."""
+    results = _read_results(results_path)
+    if fresh:
+        results = {k: v for k, v in results.items() if k not in ("records", "commands", "planned")}
     settings = asdict(cfg)
     old = results.get("settings")
     if results.get("records") and old and any(old.get(k) != settings[k] for k in _RECORDED):
         raise CompressError(f"the records in {results_path} were made with other settings "
                             f"({ {k: old.get(k) for k in _RECORDED} }); pass --fresh or another --results")
     records = {r["key"]: r for r in results.get("records", [])}
+    if command:
+        results["commands"] = [c for c in results.get("commands", []) if c != command] + [command]
+    planned = list(results.get("planned", []))
+    results.update(planned=planned + [e.key for e in entries if e.key not in planned], settings=settings,
+                   records=list(records.values()))
+    write_atomic(results_path, (json.dumps(results, indent=1) + "\n").encode())
     work.mkdir(parents=True, exist_ok=True)
     todo = [e for e in entries if e.key not in records]
     for i, entry in enumerate(todo, 1):
