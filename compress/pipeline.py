@@ -175,9 +175,12 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
     flops_model = groups[0].graph.flops_model if groups else None
     lowest = smallest_ratio(groups, flops_model, s["round_to"])
     if tokens is None and s["flops_ratio"] < lowest - RATIO_TOLERANCE:
+        excluded = groups[0].graph.excluded if groups else []
+        dense_part = (f"; {len(excluded)} coupled group(s) cannot be pruned and stay at full width, e.g. "
+                      f"{excluded[0][0]}: {excluded[0][1]}" if excluded else "")
         raise CompressError(f"--flops-ratio {s['flops_ratio']} is unreachable for {spec['model']} with --round-to "
                             f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
-                            "width)")
+                            f"width{dense_part})")
     watch.lap("groups", start)
 
     ctx = PruneContext(module=module, data=bundle, groups=groups, flops_model=flops_model,

@@ -132,6 +132,13 @@ def test_unreachable_ratio_gives_the_smallest(digits_run, tmp_path):
              "the smallest reachable is")
 
 
+def test_unreachable_ratio_names_the_groups_left_dense(tmp_path):
+    """A ViT's residual stream cannot be pruned (LayerNorm): the refusal says so, not just the smallest ratio."""
+    _refused(tmp_path, ["--model", "timm:vit_tiny_patch16_224", "--image-size", "32", "--data", "synthetic:40",
+                        "--method", "l1", "--flops-ratio", "0.01", "--finetune-epochs", "0"],
+             "coupled group(s) cannot be pruned and stay at full width, e.g. ")
+
+
 def test_unknown_method(digits_run, tmp_path):
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--method", "magic", "--flops-ratio", "0.5"],
              "unknown method 'magic'")

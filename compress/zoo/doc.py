@@ -13,7 +13,7 @@ END = "<!-- zoo:end -->"
 HEADER = """# Model zoo: prune → reload → export
 
 Every torchvision classifier, and one representative model per timm family, through the three commands
-a user types: `compress prune` (L1 and DepGraph, half the FLOPs), `compress eval` on the run directory
+a user types: `compress prune` (the methods and FLOPs ratio below), `compress eval` on the run directory
 in a new process (the model is rebuilt from `model.json` + `model.pt` and must score exactly what the
 pruning process measured), and `compress export --format onnx` (ONNX Runtime parity against PyTorch).
 A model *works* when all three pass, is *refused* when a command exits 2 with a one-line reason, and
