@@ -13,6 +13,8 @@ from compress.errors import CompressError
 
 # fvcore (FLOPs counting) still calls torch.jit.script, which warns on every import.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+# Warnings reach a command-line user as one line (a deprecated flag: what to write instead), not source lines.
+warnings.formatwarning = lambda message, category, *_args, **_kw: f"{category.__name__}: {message}\n"
 
 DATA_HELP = "digits | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR | synthetic[:N]"
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -165,6 +167,16 @@ def _method_flags(fn):
     return fn
 
 
+def _sparse_flags(fn):
+    """The sparse-training stage's flags (declared in compress/sparse.py, where the stage is)."""
+    from compress.sparse import SPARSE_OPTIONS
+
+    for opt in reversed(SPARSE_OPTIONS):
+        fn = click.option(opt.flag, opt.dest, type=opt.type, default=opt.default, show_default=opt.default is not None,
+                          help=opt.help[0].upper() + opt.help[1:] + ".")(fn)
+    return fn
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--from", "source", type=click.Path(), help="A trained run directory to prune (compress train).")
 @click.option("--model", help="Or a model name to prune (with --checkpoint/--weights for its starting weights).")
@@ -172,8 +184,8 @@ def _method_flags(fn):
 @click.option("--weights", help="torchvision weights enum for --model (needs internet).")
 @click.option("--image-size", type=int, help="Input size for --model (default: the dataset's own).")
 @click.option("--data", required=True, help=DATA_HELP)
-@click.option("--method", required=True, help="l1 | depgraph | random | vpns | pass | dynamicvit (every registered "
-              "method).")
+@click.option("--method", required=True, help="l1 | depgraph | dessilbi | random | vpns | pass | dynamicvit (every "
+              "registered method).")
 @click.option("--flops-ratio", type=float, help="Pruned FLOPs ÷ dense FLOPs to reach, in (0, 1] (the whole module's, "
               "tokens included); not with --method dynamicvit, whose FLOPs follow from --token-keep.")
 @click.option("--latency-ratio", type=float, help="Or: pruned ÷ dense latency measured on the target "
@@ -200,6 +212,7 @@ def _method_flags(fn):
 @click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
 @click.option("--bn-recalibration/--no-bn-recalibration", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
+@_sparse_flags
 @resume_option
 @runtime_options
 @_token_flags

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from compress.pruning.structure import layer_spec, widths
 from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, masks_of_counts, select_counts, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
+from compress.sparse import SparseConfig, sparse_train
 from compress.tokens import TokenSparseViT, backbone_of, sparsify, token_spec
 from compress.tokens.training import TokenOptions, frozen_predictors, train_tokens
 from compress.tokens.training import check_model as check_token_model
@@ -59,12 +61,14 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
               finetune_epochs: int = 5, seed: int = 0, lr: float = 0.05, batch_size: int = 128,
               weight_decay: float = 5e-4, subset: int | None = None, method_options: dict[str, Any] | None = None,
               bn_recalibration: bool = True, resume: bool | str = False,
-              tokens: TokenOptions | None = None) -> dict[str, Any]:
+              tokens: TokenOptions | None = None, sparse_train_epochs: int = 0, sparse_reg: str | None = None,
+              sparse_lambda: float | None = None, sparse_alpha: float = 4.0) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) to `flops_ratio`, or to
     `latency_ratio` measured on `latency_backend` (threads, batch size, clock), and write run `out`.
     `allocation` is "rank" or "knapsack" (default: rank for a FLOPs target, knapsack for latency).
 
-    Neither ratio (only with token sparsification): no channel is pruned.
+    Neither ratio (only with token sparsification): no channel is pruned. `sparse_*`: sparse training
+    before the method ranks (compress/sparse.py).
 
     Returns report.json's content. Bad input raises CompressError before any output is written; an
     interruption raises `compress.checkpoint.Interrupted` with progress kept for `resume=True`.
@@ -77,7 +81,12 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
                                    batch_size=latency_batch_size, clock=latency_clock, cache_dir=latency_cache)
     allocation = allocation or (budget.allocation if budget else "rank")
     _check_inputs(out, source, model, budget, scope, round_to, finetune_epochs, lr, batch_size, allocation)
-    method_obj = method_cls(**(method_options or {}))
+    options = dict(method_options or {})
+    sparse = SparseConfig.from_flags(**{**dict(reg=sparse_reg, epochs=sparse_train_epochs, lam=sparse_lambda,
+                                                alpha=sparse_alpha), **_legacy_sparse_options(options)})
+    if sparse.epochs and not method_cls.prunes_channels:
+        raise CompressError(f"--sparse-train-epochs precedes a channel ranking; --method {method} prunes tokens only")
+    method_obj = method_cls(**options)
     settings = {"command": "prune", "data": data, "method": method,
                 "budget": asdict(budget) if budget else None, "allocation": allocation,
                 "source": str(source) if source is not None else None, "model": model, "checkpoint": checkpoint,
@@ -85,7 +94,8 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
                 "finetune_epochs": finetune_epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
                 "weight_decay": weight_decay, "subset": subset, "method_options": method_obj.config,
                 "bn_recalibration": bn_recalibration, "precision": current().precision,
-                "world_size": current().world_size, "tokens": asdict(tokens) if tokens else None}
+                "world_size": current().world_size, "tokens": asdict(tokens) if tokens else None,
+                "sparse": sparse.describe()}
     progress = Checkpoint(out, settings, resume=resume)
     with interruptible(progress):
         report = _prune(out, progress, method_obj, settings)
@@ -121,10 +131,11 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     if budget is None:                   # tokens only: no channel is pruned
         groups, masks, estimate, digests, result, ctx = [], {}, 1.0, [], SearchResult(), None
         accuracy_slimmed = accuracy_before = dense["accuracy"]
-        history, target = [], {}
+        history, target, sparse_report = [], {}, None
     else:
-        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history,
-         target) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens, budget)
+        (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history, target,
+         sparse_report) = _prune_channels(module, bundle, method_obj, s, spec, progress, watch, dense, tokens,
+                                          budget)
     if tokens and tokens.order == "after":
         start = time.perf_counter()
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
@@ -154,6 +165,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
         "groups_excluded": [{"root": r, "reason": why} for r, why in (groups[0].graph.excluded if groups else [])],
         "search": result.stages, **({"method_report": ctx.report} if ctx is not None and ctx.report else {}),
         "mask_overlap": mask_overlap(result.initial_masks, masks) if result.initial_masks is not None else None,
+        **({"sparse_train": sparse_report} if sparse_report else {}),
         "finetune_history": history,
         **({"tokens": {**s["tokens"], **new_spec["tokens"], "training": token_records}} if tokens else {}),
     }
@@ -163,7 +175,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     report["stages_s"] = watch.stages
     report["wall_time_s"] = watch.total()
     if rt.is_main:
-        write_run(out, module, new_spec, _jsonable(report), extras=result.extras)
+        write_run(out, module, new_spec, _jsonable(report), extras=result.extras, files=result.files)
     rt.barrier()
     watch.lap("write", start)
     return report
@@ -172,9 +184,11 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
 def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
                     progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None,
                     budget: Budget) -> tuple:
-    """Groups → the target's cost model → method search → masks on target → slim → (latency: measured)
-    → BN re-estimation → fine-tune, on the ViT inside a token-sparse module when there is one (its
-    prediction modules stay as they are). The meter holds the latency target's scratch directory."""
+    """Groups → the target's cost model → [sparse training] → method search → masks on target → slim →
+    (latency: measured) → BN re-estimation → fine-tune, on the ViT inside a token-sparse module when
+    there is one (its prediction modules stay as they are). Returns what report.json needs: the
+    target's keys, then sparse training's record (None: it did not run). The meter holds the latency
+    target's scratch directory."""
     start = time.perf_counter()
     net = backbone_of(module.net)
     groups = find_groups(net, module.normalize(module.example_input(1)))
@@ -182,8 +196,8 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
     start = time.perf_counter()
     with Meter(budget, module, groups, s["round_to"], say=_say, rt=current()) as meter:
         watch.lap("cost_model", start)
-        (masks, estimate, digests, result, ctx, target) = _select(module, bundle, method_obj, s, spec, progress,
-                                                                  watch, dense, tokens, meter, groups)
+        (masks, estimate, digests, result, ctx, target, sparse_report) = _select(
+            module, bundle, method_obj, s, spec, progress, watch, dense, tokens, meter, groups)
         start = time.perf_counter()
         slim(net, groups, masks)
         watch.lap("slim", start)
@@ -204,23 +218,33 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
             history = run_stage(module, bundle, stage, batch_size=s["batch_size"], seed=s["seed"],
                                 checkpoint=progress).history
     watch.lap("finetune", start)
-    return groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history, target
+    return (groups, masks, estimate, digests, result, ctx, accuracy_slimmed, accuracy_before, history, target,
+            sparse_report)
 
 
 def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[str, Any], spec: dict,
             progress: Checkpoint, watch: Stopwatch, dense: dict, tokens: TokenOptions | None, meter: Meter,
             groups: list[ChannelGroup]) -> tuple:
-    """The method's search and the masks that reach the target; `target` collects the selection's
-    report keys (calibration rounds, the knapsack's figures)."""
+    """[Sparse training,] the method's search and the masks that reach the target; `target` collects the
+    selection's report keys (calibration rounds, the knapsack's figures)."""
     budget = meter.budget
     lowest = smallest_ratio(groups, meter.cost_model, s["round_to"])
     if tokens is None and budget.ratio < lowest - RATIO_TOLERANCE:
+        excluded = groups[0].graph.excluded if groups else []
+        dense_part = (f"; {len(excluded)} coupled group(s) cannot be pruned and stay at full width, e.g. "
+                      f"{excluded[0][0]}: {excluded[0][1]}" if excluded else "")
+        where = f"; {meter.cost_model.describe()}" if budget.kind == "latency" else ""
         raise CompressError(f"{budget.flag} {budget.ratio} is unreachable for {spec['model']} with --round-to "
                             f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
-                            "width" + (f"; {meter.cost_model.describe()})" if budget.kind == "latency" else ")"))
+                            f"width{dense_part}{where})")
     ctx = PruneContext(module=module, data=bundle, groups=groups, cost_model=meter.cost_model, ratio=budget.ratio,
                        scope=s["scope"], round_to=s["round_to"], seed=s["seed"], lr=s["lr"],
                        batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress, allocation=s["allocation"])
+    sparse_report = None
+    if s["sparse"]["epochs"]:
+        start = time.perf_counter()
+        sparse_report = sparse_train(ctx, SparseConfig.from_record(s["sparse"]), s["weight_decay"])
+        sparse_report["wall_s"] = watch.lap("sparse_train", start)
     start = time.perf_counter()
     result = _search(method_obj, ctx, progress)
     watch.lap("search", start)
@@ -231,7 +255,7 @@ def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[st
                                     dense["flops"], target, tokens)
     digests = current().assert_same("the final keep-masks", masks)
     watch.lap("target", start)
-    return masks, estimate, digests, result, ctx, target
+    return masks, estimate, digests, result, ctx, target, sparse_report
 
 
 def _check_tokens(method_cls, flops_ratio: float | None, latency_ratio: float | None,
@@ -269,7 +293,7 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         return SearchResult(scores=saved["scores"], masks=saved["masks"], normalize=saved["normalize"],
                             prompt=ctx.module.prompt if saved["prompt_spec"] is not None else None,
                             prompt_spec=saved["prompt_spec"], stages=saved["stages"], extras=saved["extras"],
-                            initial_masks=saved.get("initial_masks"))
+                            initial_masks=saved.get("initial_masks"), files=saved.get("files", {}))
     result = method_obj.search(ctx)
     if result.prompt is not None:
         if result.prompt_spec is None:
@@ -279,8 +303,20 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         "scores": result.scores, "masks": result.masks, "normalize": result.normalize,
         "prompt_spec": result.prompt_spec, "stages": _jsonable(result.stages), "extras": result.extras,
         "initial_masks": result.initial_masks,
+        "files": result.files,
         "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
     return result
+
+
+def _legacy_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """DepGraph's sparse-training options from before the pipeline stage (method_options keys
+    sparse_train_epochs / sparse_reg = group-lasso strength / sparse_alpha), moved out of `options`."""
+    names = {"sparse_train_epochs": "epochs", "sparse_reg": "reg", "sparse_alpha": "alpha"}
+    moved = {names[k]: options.pop(k) for k in list(options) if k in names}
+    if moved:
+        warnings.warn("sparse_train_epochs/sparse_reg/sparse_alpha are prune_run arguments now, not method options",
+                      FutureWarning, stacklevel=3)
+    return moved
 
 
 def _check_inputs(out, source, model, budget: Budget | None, scope, round_to, finetune_epochs, lr, batch_size,

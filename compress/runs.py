@@ -8,11 +8,13 @@ No pickled code is ever read.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +111,30 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
                             f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
 
 
+def weights_of(module: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """`module`'s state_dict on the CPU, with its per-module version metadata: some layers read it
+    when loading (torchvision's MNASNet refuses a state_dict without it, ViT renames legacy keys)."""
+    state = module.state_dict()
+    out = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items())
+    out._metadata = copy.deepcopy(getattr(state, "_metadata", OrderedDict()))
+    return out
+
+
+def with_version_metadata(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state` as loaded, or, where it carries no version metadata (a plain dict saved by older code or
+    by hand), with `module`'s own: the weights were made for this code's layer versions."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    state = OrderedDict(state)
+    state._metadata = copy.deepcopy(getattr(module.state_dict(), "_metadata", OrderedDict()))
+    return state
+
+
 def load(run_dir: str | os.PathLike) -> DeployableModule:
     """Rebuild the deployable module of a run directory, in eval mode, in any fresh process."""
     spec = read_spec(run_dir)
     module = build_module(spec)
-    state = load_state(Path(run_dir) / "model.pt")
+    state = with_version_metadata(load_state(Path(run_dir) / "model.pt"), module)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -138,10 +159,12 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[str, Any],
-              report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+              report: dict[str, Any], extras: dict[str, dict[str, torch.Tensor]] | None = None,
+              files: dict[str, bytes] | None = None) -> Path:
     """Write a run directory under a temporary name, then rename it into place.
 
-    `extras` are further weights-only files (e.g. a PASS hypernetwork as "hypernet.pt").
+    `extras` are further weights-only files (e.g. a PASS hypernetwork as "hypernet.pt"); `files` any
+    other files, as bytes (e.g. a plot of the method's search).
 
     An existing *run* directory at `out_dir` is replaced; any other existing path is refused, so
     a typo can never delete user data.
@@ -151,10 +174,12 @@ def write_run(out_dir: str | os.PathLike, module: DeployableModule, spec: dict[s
     try:
         report = {"version": __version__, **report}
         (tmp / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-        torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / "model.pt")
+        torch.save(weights_of(module), tmp / "model.pt")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name, payload in (extras or {}).items():
             torch.save(payload, tmp / name)
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "run")

@@ -25,12 +25,16 @@ from compress.errors import CompressError
 from compress.files import write_atomic, write_generated_block
 from compress.progress import console
 
-DEFAULT_METHODS = ("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none")
+# Every method gets the same training after the dense parent: 2 epochs of search or sparse training (VPNs: 1
+# warm-up + 1 score epoch; PASS: 2 hypernetwork epochs; DessiLBI: 2 path epochs) + the study's fine-tuning.
+DEFAULT_METHODS = ("vpns", "vpns:prompt=none", "depgraph", "l1", "pass", "pass:prompt=none", "dessilbi:lbi-epochs=2",
+                   "l1:sparse-reg=l1:sparse-train-epochs=2", "depgraph:sparse-reg=group-lasso:sparse-train-epochs=2")
 # The papers' setting: every learned method with and without its prompt and with its search switched off
-# (the controls), against L1 and DepGraph with progressive pruning, with and without sparse learning.
+# (the controls), against L1 and DepGraph with progressive pruning, with and without sparse learning, and DessiLBI.
 PRETRAINED_METHODS = ("l1", "depgraph:iterative-steps=4", "depgraph:iterative-steps=4:sparse-train-epochs=2",
                       "vpns", "vpns:prompt=none", "vpns:score-epochs=0",
-                      "pass", "pass:prompt=none", "pass:hypernet-epochs=0")
+                      "pass", "pass:prompt=none", "pass:hypernet-epochs=0",
+                      "dessilbi:lbi-epochs=2", "l1:sparse-reg=l1:sparse-train-epochs=2")
 KEY_FILE = "study.json"   # in each run the study made: the settings it was made with
 # Recorded in every run's key: 2 since `--prompt pad` is the reference's full-resolution frame (older "pad"
 # runs used the shrinking prompt, now resize-pad, and must not be reused).
@@ -100,11 +104,13 @@ def preset(which: str, /, **overrides: Any) -> StudyConfig:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """`name[:option=value[:option=value…]]`, e.g. `vpns:prompt=none:score-epochs=2`."""
+    """`name[:option=value[:option=value…]]`, e.g. `vpns:prompt=none:score-epochs=2`, `l1:sparse-reg=l1:
+    sparse-train-epochs=2` (options of the prune pipeline's stages, such as sparse training, go to `stage`)."""
 
     label: str
     name: str
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    stage: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def slug(self) -> str:
@@ -112,25 +118,32 @@ class MethodSpec:
 
 
 def parse_method(text: str, registry: dict[str, type]) -> MethodSpec:
-    """Parse a method spec; options are typed by the method's own declarations. An unregistered
-    method parses (it will be reported as missing); an unknown option of a known method is an error."""
+    """Parse a method spec; options are typed by the method's own declarations (or the pipeline stage's).
+    An unregistered method parses (it will be reported as missing); an unknown option of a known method
+    is an error."""
+    from compress.sparse import SPARSE_OPTIONS
+
     name, *pairs = [p.strip() for p in text.strip().split(":")]
     if not name:
         raise CompressError(f"empty method name in --methods entry {text!r}")
     declared = {o.dest: o for o in registry[name].options} if name in registry else None
+    stage_declared = {o.dest: o for o in SPARSE_OPTIONS}
     options: dict[str, Any] = {}
+    stage: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         dest = key.strip().lstrip("-").replace("-", "_")
         if not sep or not dest:
             raise CompressError(f"method option {pair!r} in {text!r} must look like option=value")
-        if declared is None:
+        if dest in stage_declared:
+            stage[dest] = _typed(stage_declared[dest], raw, text)
+        elif declared is None:
             options[dest] = raw
-            continue
-        if dest not in declared:
+        elif dest not in declared:
             raise CompressError(f"method {name} has no option {key!r} (in --methods entry {text!r})")
-        options[dest] = _typed(declared[dest], raw, text)
-    return MethodSpec(label=text.strip(), name=name, options=options)
+        else:
+            options[dest] = _typed(declared[dest], raw, text)
+    return MethodSpec(label=text.strip(), name=name, options=options, stage=stage)
 
 
 def _typed(option, raw: str, text: str) -> Any:
@@ -229,26 +242,31 @@ def _prune(config: StudyConfig, spec: MethodSpec, ratio: float, seed: int, dense
     key = {"source": str(dense_dir), "dense": _read_key(dense_dir), "method": spec.name, "options": spec.options,
            "ratio": ratio, "seed": seed, "finetune_epochs": config.finetune_epochs, "lr": config.finetune_lr,
            "batch_size": config.batch_size, "subset": config.subset, "scope": config.scope,
-           "round_to": config.round_to, "key_version": KEY_VERSION}
+           "round_to": config.round_to, "key_version": KEY_VERSION, **({"stage": spec.stage} if spec.stage else {})}
     report, reused = reuse_or_run(out, key, lambda: prune_run(
         out, data=config.data, method=spec.name, flops_ratio=ratio, source=dense_dir, scope=config.scope,
         round_to=config.round_to, finetune_epochs=config.finetune_epochs, seed=seed, lr=config.finetune_lr,
-        batch_size=config.batch_size, subset=config.subset, method_options=spec.options, resume="auto"),
-        fresh=config.fresh)
+        batch_size=config.batch_size, subset=config.subset, method_options=spec.options, resume="auto",
+        **spec.stage), fresh=config.fresh)
     stages = report.get("stages_s", {})
-    return {"run": str(out), "method": spec.label, "method_name": spec.name, "options": spec.options,
+    search_s = stages.get("search")
+    if search_s is not None and "sparse_train" in stages:
+        search_s += stages["sparse_train"]          # sparse training is part of the ranking's cost
+    return {"run": str(out), "method": spec.label, "method_name": spec.name, "options": {**spec.options, **spec.stage},
             "flops_ratio_target": ratio, "seed": seed, "accuracy": report["accuracy"],
             "accuracy_before_finetune": report["accuracy_before_finetune"], "flops": report["flops"],
             "params": report["params"], "flops_ratio": report["flops_ratio"], "wall_time_s": report["wall_time_s"],
-            "search_s": stages.get("search"), "finetune_s": stages.get("finetune"),
+            "search_s": search_s, "finetune_s": stages.get("finetune"),
             "search_epoch_s": search_epoch_seconds(report), "reused": reused,
             "mask_jaccard": (report.get("mask_overlap") or {}).get("jaccard_kept")}
 
 
 def search_epoch_seconds(report: dict[str, Any]) -> float | None:
     """Training time of one search epoch (evaluation excluded), for the methods that search by training:
-    VPNs' mask search, PASS' hypernetwork search."""
-    for name in ("mask_search", "hypernet_search"):
+    VPNs' mask search, PASS' hypernetwork search, the DessiLBI path, sparse training."""
+    if isinstance(report.get("sparse_train"), dict) and report["sparse_train"].get("epoch_s") is not None:
+        return float(report["sparse_train"]["epoch_s"])
+    for name in ("mask_search", "hypernet_search", "lbi"):
         stage = report.get("search", {}).get(name)
         if isinstance(stage, dict):
             value = stage.get("epoch_s", stage.get("epoch_time_s"))

@@ -179,13 +179,15 @@ def _picture(records: list[dict], path: Path, cfg: TokenStudyConfig) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     c, d = result["config"], result["dense"]
+    both = any(arm.startswith("both") for arm in c["arms"])
     lines = [f"Dense parent `{d['run']}`: accuracy {d['accuracy']:.4f}, {d['flops'] / 1e6:.1f} MFLOPs (fvcore MACs). "
              f"Data `{c['data']}` (training subset {c['subset']}, full validation split), seeds "
-             f"{', '.join(map(str, c['seeds']))} (both-*: {', '.join(map(str, c['both_seeds']))}). "
+             f"{', '.join(map(str, c['seeds']))}"
+             + (f" (both-*: {', '.join(map(str, c['both_seeds']))})" if both else "") + ". "
              f"tokens: ρ={c['keep']}, {c['token_epochs']} DynamicViT epochs; "
              f"channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs']} fine-tuning "
-             f"epochs; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} fine-tuning "
-             f"+ {c['both_token_epochs']} DynamicViT epochs.", "",
+             "epochs" + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} "
+                         f"fine-tuning + {c['both_token_epochs']} DynamicViT epochs" if both else "") + ".", "",
              "| arm | accuracy (mean ± std) | Δ vs dense (mean / worst seed) | FLOPs ratio | params |",
              "|---|---|---|---|---|",
              f"| dense | {d['accuracy']:.4f} | – | 1.000 | {d['params'] / 1e6:.2f} M |"]

@@ -16,7 +16,7 @@ from compress.errors import CompressError
 from compress.flops import count_flops, count_params
 from compress.loop import Fit, evaluate, run_stage
 from compress.models import create_model, default_adapt, weights_normalization
-from compress.runs import Stopwatch, build_spec, check_out_dir, load, load_state, write_run
+from compress.runs import Stopwatch, build_spec, check_out_dir, load, load_state, with_version_metadata, write_run
 from compress.runtime import current
 
 
@@ -88,10 +88,15 @@ def build_dense(model: str, data: str, *, image_size: int | None = None, subset:
 
 
 def _load_checkpoint(net: torch.nn.Module, path: str) -> None:
-    """Accept a plain state_dict or one saved from a DeployableModule ("net." prefix)."""
+    """Accept a plain state_dict, one saved from a DeployableModule ("net." prefix), or a training script's
+    {"state_dict": …} / {"model": …} wrapper (timm's, torchvision's references)."""
     state = load_state(Path(path))
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if isinstance(state, dict) and any(k.startswith("net.") for k in state):
         state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    state = with_version_metadata(state, net)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

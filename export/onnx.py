@@ -23,7 +23,15 @@ import torch
 from compress.errors import CheckFailed, CompressError
 from compress.tokens import index_output_names, returning_indices
 from export.files import failed_path, keep_failed, print_note, temp_beside
-from export.parity import FP32_TOLERANCE, Parity, check_parity, index_agreement, parity_batches, torch_reference
+from export.parity import (
+    FP32_TOLERANCE,
+    Float64Reference,
+    Parity,
+    check_parity,
+    index_agreement,
+    parity_batches,
+    torch_reference,
+)
 from export.result import ExportResult
 
 INPUT_NAME = "images"
@@ -79,13 +87,16 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
         else:
             batches, described = parity_batches(input_size, None if dynamic_batch else batch_size, data)
             reference = torch_reference(module)
+            exact = Float64Reference(module, batches)
             indices = _index_reference(module) if extra_outputs else None
             if simplify:
                 parity, simplified = _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log,
-                                                     indices)
+                                                     indices, exact)
             if not simplified:
                 save_model(model, tmp)
-                parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices)
+                parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices, exact)
+            if parity.passed and parity.cause:
+                notes.append(f"parity against PyTorch float64: {parity.cause}")
             if not parity.passed:
                 failed = keep_failed(tmp, out)
                 raise CheckFailed(f"parity check failed for {out.name}: {parity.summary()}; "
@@ -176,7 +187,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _try_simplified(model, tmp, reference, batches, described, tolerance, notes, log,
-                    indices=None) -> tuple[Parity | None, bool]:
+                    indices=None, exact=None) -> tuple[Parity | None, bool]:
     """Save the onnxslim-simplified model at `tmp` if it checks and keeps parity; else report why not."""
     import onnxslim
 
@@ -192,7 +203,7 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
         return None, False
     set_metadata(slim, {p.key: p.value for p in model.metadata_props})
     save_model(slim, tmp)
-    parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices)
+    parity = _parity_of_file(tmp, reference, batches, described, tolerance, indices, exact)
     if parity.passed:
         return parity, True
     reason = f"onnxslim output broke parity ({parity.summary()}); kept the unsimplified graph"
@@ -201,11 +212,15 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
     return None, False
 
 
-def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float, indices=None) -> Parity:
-    """Logits parity of the file at `path`; with `indices` (PyTorch's kept-token indices) those too."""
+def _parity_of_file(path: Path, reference, batches, described: str, tolerance: float, indices=None,
+                    exact: Float64Reference | None = None) -> Parity:
+    """Logits parity of the file at `path`; with `indices` (PyTorch's kept-token indices) those too; with
+    `exact`, a failed fp32 comparison is redone against float64 (parity.py)."""
     runner = OnnxRunner(path, spin=False)
     parity = check_parity(reference, runner, batches, tolerance=tolerance,
                           inputs=f"{described}, onnxruntime vs pytorch")
+    if not parity.passed and exact is not None:
+        parity = exact.recheck(parity, runner, batches)
     if indices is not None:
         parity = parity.with_indices(index_agreement(indices, lambda x: runner.outputs(x)[1:], batches))
     return parity

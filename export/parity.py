@@ -4,6 +4,16 @@ Errors are measured relative to the output scale (the largest |logit| of the ref
 tolerance serves models whose logits are 0.1 or 100. Top-1 agreement is reported alongside because
 it is what a user of a classifier notices first, and because fp16 can stay within a loose
 tolerance while flipping near-tied predictions.
+
+When an fp32 file misses the tolerance against fp32 PyTorch, the comparison is repeated against
+PyTorch in float64 (`Float64Reference`), which tells an export that computes something else from a
+network that float32 cannot reproduce to the tolerance at all. A slimmed network whose BatchNorm
+statistics were re-estimated can be such a network: depthwise channels whose variance on the
+calibration images is tiny (≈ eps) get gains of hundreds, and on the seeded noise inputs, far
+outside that distribution, activations grow to 10^4 and rounding differences with them (PyTorch's
+own fp32 result then differs from float64 by ~1e-3). The file passes if it is at most
+CONDITIONING_FACTOR times farther from the float64 result than PyTorch's fp32 is (and within the
+tolerance of it otherwise), and the result says so; if not, the message names the cause.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ FP32_TOLERANCE = 1e-4  # ONNX Runtime fp32 vs PyTorch fp32 (deploy.md)
 TENSORRT_FP32_TOLERANCE = 1e-3  # TensorRT fp32 picks other kernels (Winograd, fused epilogues)
 FP16_TOLERANCE = 2e-2  # fp16 carries ~3 decimal digits; errors grow with depth
 
+CONDITIONING_FACTOR = 2.0  # an fp32 file may be this many times farther from float64 than PyTorch fp32 is
+AMPLIFYING_GAIN = 100.0  # BatchNorm channels scaling by more than this are named as the cause
 SCALE_FLOOR = 1e-6  # all-zero reference outputs (e.g. an untrained zero-initialised head): compare absolutely
 SEEDED_SAMPLES = 16
 REFERENCE_CHUNK = 64
@@ -27,7 +39,8 @@ DATA_SAMPLES = 256
 
 @dataclass
 class Parity:
-    """The outcome of one comparison; `passed` is `max_rel <= tolerance`."""
+    """The outcome of one comparison; `passed` is `max_rel <= tolerance`, or, against float64, `max_rel` within
+    CONDITIONING_FACTOR × `float32_error` (see the module docstring)."""
 
     max_abs: float
     max_rel: float
@@ -38,6 +51,9 @@ class Parity:
     inputs: str = ""  # what was compared, e.g. "16 seeded + 256 val images of digits"
     # Token-sparse models: share of samples whose kept-token indices agree at every stage (None: no such outputs).
     indices_agreement: float | None = None
+    reference: str = "pytorch"      # "pytorch float64" when compared against the exact result (see module doc)
+    float32_error: float | None = None  # PyTorch fp32's own max rel error against float64, when measured
+    cause: str | None = None        # why fp32 PyTorch itself cannot be matched to the tolerance, when known
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,8 +61,12 @@ class Parity:
     def summary(self) -> str:
         indices = "" if self.indices_agreement is None else \
             f", kept-token indices identical on {self.indices_agreement:.2%}"
-        return (f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} (tolerance {self.tolerance:g}), "
+        text = (f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} (tolerance {self.tolerance:g}), "
                 f"top-1 agreement {self.top1_agreement:.2%}{indices} on {self.n_samples} samples")
+        if self.float32_error is not None:
+            text += (f"; against PyTorch float64, where PyTorch's own fp32 result is off by {self.float32_error:.3g}"
+                     f" (allowed: {CONDITIONING_FACTOR:g}× that)")
+        return text + (f"; cause: {self.cause}" if self.cause else "")
 
     def with_indices(self, agreement: float) -> Parity:
         """This result with the kept-token index check added: identical indices are required to pass."""
@@ -107,6 +127,69 @@ def index_agreement(reference: Callable[[np.ndarray], list[np.ndarray]],
         same += int(rows.sum())
         total += n_real
     return same / max(1, total)
+
+
+class Float64Reference:
+    """PyTorch's fp32 and float64 outputs on the parity images, computed once, on first use (a float64
+    copy of the module exists only meanwhile)."""
+
+    def __init__(self, module: torch.nn.Module, batches: list[tuple[np.ndarray, int]]):
+        self.module = module
+        self.images = np.concatenate([x[:n] for x, n in batches])
+        self._outputs: tuple[np.ndarray, np.ndarray] | None = None
+
+    def outputs(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._outputs is None:
+            import copy
+
+            exact = copy.deepcopy(self.module).double().eval()
+            fp32, fp64 = [], []
+            with torch.inference_mode():
+                for i in range(0, len(self.images), REFERENCE_CHUNK):
+                    x = torch.from_numpy(self.images[i:i + REFERENCE_CHUNK])
+                    fp32.append(self.module(x).double().numpy())
+                    fp64.append(exact(x.double()).numpy())
+            del exact
+            self._outputs = np.concatenate(fp32), np.concatenate(fp64)
+        return self._outputs
+
+    def recheck(self, parity: Parity, candidate: Callable[[np.ndarray], np.ndarray],
+                batches: Iterable[tuple[np.ndarray, int]]) -> Parity:
+        """`parity` (a failed fp32 comparison) redone against float64, with the cause when fp32 is the limit."""
+        got = np.concatenate([np.asarray(candidate(x))[:n] for x, n in batches]).astype(np.float64)
+        fp32, fp64 = self.outputs()
+        if not (np.isfinite(got).all() and np.isfinite(fp64).all()) or got.shape != fp64.shape:
+            return parity
+        scale = max(float(np.abs(fp64).max()), SCALE_FLOOR)
+        fp32_error = float(np.abs(fp32 - fp64).max()) / scale
+        allowed = max(parity.tolerance, CONDITIONING_FACTOR * fp32_error)
+        exact = compare(fp64, got, allowed, parity.inputs)
+        cause = None
+        if fp32_error > parity.tolerance / CONDITIONING_FACTOR:
+            cause = (f"the network is numerically ill-conditioned on these inputs (outputs up to {scale:.3g}; "
+                     f"PyTorch's own float32 result is off by {fp32_error:.3g} from float64)")
+            cause += amplifying_norms(self.module)
+        return replace(exact, tolerance=parity.tolerance, reference="pytorch float64", float32_error=fp32_error,
+                       cause=cause)
+
+
+def amplifying_norms(module: torch.nn.Module) -> str:
+    """'; N BatchNorm channels …' naming BatchNorm layers that multiply by more than AMPLIFYING_GAIN, or ''."""
+    count, worst = 0, None
+    for name, mod in module.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+            weight = mod.weight.detach().abs() if mod.weight is not None else torch.ones_like(mod.running_var)
+            gain = weight / torch.sqrt(mod.running_var + mod.eps)
+            count += int((gain > AMPLIFYING_GAIN).sum())
+            i = int(gain.argmax())
+            if worst is None or float(gain[i]) > worst[1]:
+                worst = (name, float(gain[i]), float(mod.running_var[i]), mod.eps)
+    if not count:
+        return ""
+    name, gain, var, eps = worst
+    return (f"; {count} BatchNorm channels multiply by more than {AMPLIFYING_GAIN:g}× (e.g. {name}: ×{gain:.0f}, "
+            f"running variance {var:.2g} with eps {eps:g}): their statistics were estimated on images whose "
+            "variance there is tiny; check parity on such images with --data")
 
 
 def torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:

@@ -40,7 +40,7 @@ def test_torchrun_trains_and_prunes_with_identical_masks_on_both_ranks(tmp_path)
     assert dense["world_size"] == 2 and dense["device"] == "cpu"
     assert proc.stdout.count("accuracy (val)") == 1                      # one table: rank 0 prints
     for method, extra in (("pass", ["--hypernet-epochs", "1"]), ("vpns", ["--warmup-epochs", "1"]),
-                          ("depgraph", ["--sparse-train-epochs", "1"])):
+                          ("depgraph", ["--sparse-train-epochs", "1"]), ("dessilbi", ["--lbi-epochs", "1"])):
         proc = _torchrun("prune", "--from", "d", "--data", "digits", "--method", method, "--flops-ratio", "0.5",
                          "--round-to", "1", "--finetune-epochs", "1", "--subset", "256", "--batch-size", "64",
                          "--device", "cpu", "--out", method, *extra, cwd=tmp_path)

@@ -46,7 +46,7 @@ def test_prune_writes_a_complete_run(depgraph_run, digits_run):
     assert report["flops"] < report["dense"]["flops"] and report["params"] < report["dense"]["params"]
     assert report["flops_ratio"] == pytest.approx(report["flops"] / report["dense"]["flops"], abs=1e-6)
     assert {"dense", "groups", "search", "target", "slim", "finetune"} <= set(report["stages_s"])
-    assert report["search"]["sparse_train"]["epochs"] == 1
+    assert report["sparse_train"]["epochs"] == 1 and report["sparse_train"]["reg"] == "group-lasso"
     spec = json.loads((out / "model.json").read_text())
     assert spec["layers"] and spec["widths"] == report["widths"]
     dense_widths = layer_widths(create_model("resnet20", 10, 16))
@@ -132,6 +132,13 @@ def test_unreachable_ratio_gives_the_smallest(digits_run, tmp_path):
              "the smallest reachable is")
 
 
+def test_unreachable_ratio_names_the_groups_left_dense(tmp_path):
+    """A ViT's residual stream cannot be pruned (LayerNorm): the refusal says so, not just the smallest ratio."""
+    _refused(tmp_path, ["--model", "timm:vit_tiny_patch16_224", "--image-size", "32", "--data", "synthetic:40",
+                        "--method", "l1", "--flops-ratio", "0.01", "--finetune-epochs", "0"],
+             "coupled group(s) cannot be pruned and stay at full width, e.g. ")
+
+
 def test_unknown_method(digits_run, tmp_path):
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--method", "magic", "--flops-ratio", "0.5"],
              "unknown method 'magic'")
@@ -139,12 +146,25 @@ def test_unknown_method(digits_run, tmp_path):
 
 def test_option_of_another_method(digits_run, tmp_path):
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--method", "l1", "--flops-ratio", "0.5",
-                        "--sparse-train-epochs", "2"], "--sparse-train-epochs does not apply to method l1")
+                        "--lbi-epochs", "2"], "--lbi-epochs does not apply to method l1")
 
 
-def test_ungroupable_architecture(tmp_path):
-    _refused(tmp_path, ["--model", "shufflenet_v2_x0_5", "--data", "synthetic:20", "--method", "l1",
-                        "--flops-ratio", "0.5"], "cannot group the channels of this network: operation ViewBackward0")
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "dessilbi", "--lbi-epochs", "0"], "--lbi-epochs must be at least 1"),
+    (["--method", "dessilbi", "--lbi-nu", "-1"], "--lbi-nu must be > 0"),
+    (["--method", "depgraph", "--sparse-train-epochs", "1", "--sparse-reg", "l2"],
+     "--sparse-reg must be one of l1, group-lasso"),
+    (["--method", "depgraph", "--sparse-lambda", "0.1"], "take effect only with --sparse-train-epochs"),
+    (["--method", "l1", "--sparse-train-epochs", "-1"], "--sparse-train-epochs must be ≥ 0"),
+])
+def test_bad_dessilbi_and_sparse_training_values(digits_run, tmp_path, flags, message):
+    _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--flops-ratio", "0.5", *flags], message)
+
+
+def test_dependency_analysis_over_its_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_ANALYSIS_MAX_S", "0")
+    _refused(tmp_path, ["--model", "resnet18", "--data", "synthetic:20", "--method", "l1", "--flops-ratio", "0.5"],
+             "dependency analysis of this network was stopped: it ran longer than 0 s")
 
 
 def test_from_a_directory_that_is_not_a_run(tmp_path):

@@ -107,18 +107,59 @@ def test_grouped_convolutions_prune_whole_positions_per_group():
     assert tiled and all(g.channels == g.width * g.unit_channels for g in tiled)
 
 
-def test_ungroupable_op_is_named():
+def test_ungroupable_op_is_excluded_by_name_and_a_network_of_them_refused():
     class Rolled(nn.Module):
-        def __init__(self):
+        def __init__(self, roll_both: bool):
             super().__init__()
             self.a, self.b, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 2)
+            self.roll_both = roll_both
 
         def forward(self, x):
             x = torch.roll(self.a(x), 1, dims=1)          # shifts channels: removal ≠ zeroing
-            return self.fc(self.b(x).mean((2, 3)))
+            x = self.b(x)
+            if self.roll_both:
+                x = torch.roll(x, 1, dims=1)
+            return self.fc(x.mean((2, 3)))
 
-    with pytest.raises(CompressError, match=r"layer a: operation RollBackward0"):
-        find_groups(Rolled(), _x(n=1))
+    groups = find_groups(Rolled(roll_both=False), _x(n=1))
+    assert [g.id for g in groups] == ["b"]
+    assert groups[0].graph.excluded == [("a", "operation RollBackward0 on its path is not known to keep channels "
+                                               "separate")]
+    with pytest.raises(CompressError, match=r"no channel group of this network can be pruned exactly — a: "
+                                            r"operation RollBackward0"):
+        find_groups(Rolled(roll_both=True), _x(n=1))
+
+
+def test_a_split_at_fixed_sizes_excludes_its_group_a_chunk_ties_it():
+    class Split(nn.Module):
+        def __init__(self, chunk: bool):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+            self.b, self.c = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.chunk, self.half = chunk, 4
+
+        def forward(self, x):
+            x = self.a(x)
+            left, right = x.chunk(2, dim=1) if self.chunk else x.split(self.half, dim=1)   # split(k): k is fixed
+            return self.fc(torch.cat([self.b(left), self.c(right)], 1).mean((2, 3)))
+
+    groups = find_groups(Split(chunk=False), _x(n=1))
+    assert "a" not in [g.id for g in groups]
+    assert "sizes fixed in the model code" in dict(groups[0].graph.excluded)["a"]
+    tied = next(g for g in find_groups(Split(chunk=True), _x(n=1)) if g.id == "a")
+    assert tied.kind == "tied" and tied.width == 4
+
+
+def test_the_guard_stops_memory_growth_with_a_one_line_error():
+    from compress.pruning.guard import guarded
+
+    hoard = []
+    with pytest.raises(CompressError, match=r"^the test was stopped: it needed more than 0.2 GiB"), \
+            guarded("the test", max_memory_gb=0.2, max_seconds=60):
+        while True:
+            hoard.append(b"x" * 2**20)
+    assert len(hoard) < 2000
+    hoard.clear()
 
 
 # ------------------------------------------------------------------ gates
@@ -263,7 +304,7 @@ def test_group_l2_is_torch_pruning_group_magnitude_importance(name):
     reference = tp.importance.GroupMagnitudeImportance(p=2)
     graph = groups[0].graph
     for g in groups:
-        root, fn = graph.roots[g.id]
+        [(root, fn, _unit_of)] = g.tp_roots()
         theirs = reference(graph.dg.get_pruning_group(root, fn, list(range(g.channels))))
         assert torch.allclose(ours[g.id], theirs.float(), rtol=1e-4, atol=1e-6), g.id
 
@@ -332,11 +373,11 @@ def test_layer_spec_rejects_unknown_types():
 
 def test_registry_lists_baselines_and_their_options():
     assert {"l1", "depgraph", "random"} <= set(list_methods())
-    assert "--sparse-train-epochs" in {opt.flag for _m, opt in all_options()}
+    assert "--lbi-epochs" in {opt.flag for _m, opt in all_options()}
     with pytest.raises(CompressError, match="unknown method 'nope'"):
         get_method("nope")
     with pytest.raises(CompressError, match="has no option"):
-        get_method("l1")(sparse_train_epochs=3)
+        get_method("l1")(lbi_epochs=3)
 
 
 # ------------------------------------------------------------------ pipeline helpers

@@ -2,7 +2,10 @@
 
 Property-based over masks (hypothesis), one architecture family per case: residual adds, concat,
 depthwise and grouped convolutions, SE blocks, LayerNorm-excluded residual streams and attention
-heads. Weights and BN statistics are randomised so that every channel matters.
+heads, channel shuffles (a toy net whose shuffled channels stay prunable, and ShuffleNetV2, whose
+shuffles tie whole stage streams), a shifted-window transformer and timm models (DeiT's heads through
+its split attention, EfficientNet's BatchNormAct2d). Weights and BN statistics are randomised so that every channel
+matters.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compress.models import create_model
-from compress.pruning import Gates, find_groups, slim
+from compress.pruning import Gates, find_groups, group_l2_scores, l1_scores, slim
 
 SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
-         "efficientnet_lite0"]
+         "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny", "timm:deit_tiny_patch16_224",
+         "timm:efficientnet_b0"]
 LARGE = ["resnet50", "vgg16_bn", "densenet121", "convnext_tiny", "vit_b_16"]   # one example each: time budget
 SIZE = 32
 
@@ -40,11 +44,48 @@ def _randomise(net: nn.Module) -> None:
                 p.uniform_(0.5, 1.0, generator=g)
 
 
+class ShuffleToy(nn.Module):
+    """Two branches concatenated, channel-shuffled (ShuffleNet's view → transpose → view), split in two
+    equal halves that feed two convolutions: one tied group across both branches, gated at c and d."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(24)
+        self.c, self.d = nn.Conv2d(12, 8, 1), nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+        n, ch, h, w = y.shape
+        y = y.view(n, 2, ch // 2, h, w).transpose(1, 2).contiguous().view(n, ch, h, w)
+        left, right = y.chunk(2, dim=1)
+        out = torch.cat([self.c(torch.relu(left)), self.d(right)], 1)
+        return self.fc(out.mean((2, 3)))
+
+
+def tiny_swin() -> nn.Module:
+    """A two-stage shifted-window transformer: its relative-position-bias tables make Torch-Pruning's
+    index propagation run away (guard.py), which find_groups must survive."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10).eval()
+
+
+def _build(name: str) -> nn.Module:
+    if name == "shuffle-toy":
+        return ShuffleToy().eval()
+    if name == "swin-tiny":
+        return tiny_swin()
+    # Published stems (adapt=None): the small-input stem adaptation does not change grouping, only cost.
+    return create_model(name, 10, SIZE, adapt=None).eval()
+
+
 @pytest.fixture(scope="module")
 def case(request):
     torch.manual_seed(0)
-    # Published stems (adapt=None): the small-input stem adaptation does not change grouping, only cost.
-    net = create_model(request.param, 10, SIZE, adapt=None).eval()
+    net = _build(request.param)
     _randomise(net)
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     groups = find_groups(net, x[:1])
@@ -95,3 +136,25 @@ def _check(case, seed, keep):
     if any(not bool(m.all()) for m in masks.values()):
         assert (dense - gated).abs().max().item() > 1e-4 * scale, "masks had no effect: the test would be vacuous"
         assert sum(p.numel() for p in slimmed.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+def test_a_channel_shuffle_ties_positions_across_branches():
+    net = ShuffleToy()
+    groups = find_groups(net, torch.rand(1, 3, SIZE, SIZE))
+    tied = [g for g in groups if g.kind == "tied"]
+    assert len(tied) == 1 and set(tied[0].roots) == {"a", "b"}
+    assert tied[0].width == 6   # 24 channels: 2 shuffle blocks x 2 split halves tie 4 channels per unit
+    assert not groups[0].graph.excluded
+    for scores in (l1_scores(groups), group_l2_scores(groups)):     # every root of the tied group counts
+        assert (scores[tied[0].id] > 0).all()
+
+
+def test_a_runaway_channel_mapping_excludes_its_group_and_stays_small():
+    from compress.pruning.guard import resident_gb
+
+    before = resident_gb()
+    groups = find_groups(tiny_swin(), torch.rand(1, 3, SIZE, SIZE))
+    excluded = dict(groups[0].graph.excluded)
+    assert "does not converge" in excluded["features.2.reduction"]
+    assert [g.id for g in groups] == ["features.1.0.mlp.0", "features.3.0.mlp.0"]   # the MLP hidden dims
+    assert resident_gb() - before < 1.0

@@ -45,15 +45,20 @@ def _terminate_when(proc: subprocess.Popen, out: Path, reached) -> str:
     return err
 
 
+def _finished(args: list[str], cwd: Path, out: str, *more: str) -> dict:
+    """Run `compress *args --out out *more` to the end; its report."""
+    proc = _compress(*args, "--out", out, *more, cwd=cwd)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()[-2000:]
+    return json.loads((cwd / out / "report.json").read_text())
+
+
 def _strip_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in history]
 
 
 def test_sigterm_in_search_and_in_finetuning_then_resume_gives_the_uninterrupted_run(digits_run, tmp_path):
     src = str(digits_run)
-    whole = _compress(*PRUNE, "--from", src, "--out", "whole", cwd=tmp_path)
-    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-2000:]
-    expected = json.loads((tmp_path / "whole" / "report.json").read_text())
+    expected = _finished([*PRUNE, "--from", src], tmp_path, "whole")
 
     out = tmp_path / "stopped"
     # 1. after the warm-up finished: the process is in the mask search
@@ -75,3 +80,24 @@ def test_sigterm_in_search_and_in_finetuning_then_resume_gives_the_uninterrupted
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     b = torch.load(out / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)       # bit-identical on the CPU
+
+
+LBI = ["prune", "--data", "digits", "--method", "dessilbi", "--flops-ratio", "0.5", "--round-to", "1",
+       "--finetune-epochs", "0", "--lbi-epochs", "2", "--subset", "240", "--batch-size", "32", "--device", "cpu"]
+
+
+def test_sigterm_in_the_dessilbi_path_then_resume_gives_the_same_path_and_masks(digits_run, tmp_path):
+    """Split LBI's V, entry steps and thresholds live in its optimiser state: a resumed path is the same path."""
+    src = str(digits_run)
+    expected = _finished([*LBI, "--from", src], tmp_path, "whole")
+
+    out = tmp_path / "stopped"
+    in_path = lambda st: st.get("stages", {}).get("dessilbi", {}).get("epoch", 0) >= 1  # noqa: E731
+    _terminate_when(_compress(*LBI, "--from", src, "--out", "stopped", cwd=tmp_path), out, in_path)
+    report = _finished([*LBI, "--from", src], tmp_path, "stopped", "--resume")
+    assert report["resumed"] is True
+    for key in ("mask_digests", "widths", "accuracy", "flops"):
+        assert report[key] == expected[key], key
+    got, want = report["method_report"]["dessilbi"], expected["method_report"]["dessilbi"]
+    assert got["path"] == want["path"] and got["entry_epochs"] == want["entry_epochs"]
+    assert (out / "dessilbi_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,10 @@ def test_method_specs_are_typed_by_the_methods_own_options():
         parse_method("vpns:prompt=frame", registry)
     with pytest.raises(CompressError, match="option=value"):
         parse_method("vpns:prompt", registry)
+    sparse = parse_method("l1:sparse-reg=l1:sparse-train-epochs=2:sparse-lambda=0.05", registry)
+    assert (sparse.options, sparse.stage) == ({}, {"sparse_reg": "l1", "sparse_train_epochs": 2, "sparse_lambda": 0.05})
+    lbi = parse_method("dessilbi:lbi-epochs=3:lbi-nu=2", registry)
+    assert (lbi.options, lbi.stage) == ({"lbi_epochs": 3, "lbi_nu": 2.0}, {})
 
 
 def test_study_reports_missing_methods_reuses_runs_and_keeps_the_analysis(tmp_path):

@@ -132,3 +132,39 @@ def test_eval_spec_that_does_not_match_weights(digits_run, tmp_path):
 def test_eval_wrong_number_of_classes(digits_run, cifar100_dir):
     result = run_cli("eval", digits_run, "--data", f"cifar100:{cifar100_dir}")
     _assert_clean_failure(result, "has 100 classes", None)
+
+
+def test_a_model_that_reads_version_metadata_reloads_in_a_fresh_process(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without per-module version metadata: model.pt keeps it,
+    and a plain-dict model.pt (older runs) gets the code's own."""
+    from compress.deploy import DeployableModule
+    from compress.models import create_model
+    from compress.runs import build_spec, write_run
+
+    torch.manual_seed(0)
+    module = DeployableModule(create_model("mnasnet0_5", 10, 32), [0.5] * 3, [0.25] * 3, input_size=(3, 32, 32))
+    spec = build_spec("mnasnet0_5", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3, adapt=None, data="synthetic")
+    run = write_run(tmp_path / "mnas", module.eval(), spec, {"command": "train"})
+    code = ("import sys, torch, compress; m = compress.load(sys.argv[1]); "
+            "x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)); print(m(x).sum().item())")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = module(x).sum().item()
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True,
+                              env={**os.environ})
+        assert done.returncode == 0, done.stderr
+        assert abs(float(done.stdout.split()[-1]) - expected) <= 1e-4 * max(1.0, abs(expected))
+        plain = dict(torch.load(run / "model.pt", weights_only=True))        # drops the metadata
+        torch.save(plain, run / "model.pt")
+
+
+def test_checkpoint_in_a_training_script_wrapper_without_version_metadata(tmp_path):
+    from compress.models import create_model
+    from compress.training import build_dense
+
+    torch.manual_seed(0)
+    weights = {k: v.clone() for k, v in create_model("mnasnet0_5", 10, 32).state_dict().items()}   # no _metadata
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": weights, "epoch": 3}, path)
+    module, _spec, _data = build_dense("mnasnet0_5", "synthetic:20", image_size=32, checkpoint=str(path))
+    assert all(torch.equal(module.net.state_dict()[k], v) for k, v in weights.items())

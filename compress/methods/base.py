@@ -29,7 +29,7 @@ from compress.prompt import PROMPT_KINDS
 
 @dataclass(frozen=True)
 class MethodOption:
-    """One method-specific `compress prune` flag, e.g. MethodOption("--sparse-train-epochs", int, 0, "…")."""
+    """One method-specific `compress prune` flag, e.g. MethodOption("--lbi-epochs", int, 5, "…")."""
 
     flag: str
     type: Any                     # int, float, str, bool (an on/off flag) or a tuple of choices
@@ -70,6 +70,9 @@ class PruneContext:
     checkpoint: Any = None        # compress.checkpoint.Checkpoint: pass it to run_stage so searches resume
     allocation: str = "rank"      # how target selection allocates widths: "rank" or "knapsack"
     report: dict[str, Any] = field(default_factory=dict)   # method-specific keys for report.json
+    # When sparse training ran before the search: the dense weights' rankings ("l1", "group_l2"), so a method
+    # whose first scores are one of them can still report how far it moved from them (initial_masks).
+    before_sparse: dict[str, dict[str, torch.Tensor]] | None = None
 
     def select_masks(self, scores: dict[str, torch.Tensor], ratio: float | None = None, normalize: bool = True,
                      tolerance: float | None = None) -> dict[str, torch.Tensor]:
@@ -103,6 +106,7 @@ class SearchResult:
     # The masks the method's *initial* scores give at the same target (before any search or sparse training):
     # report.json's "mask_overlap" says how far the search moved from them.
     initial_masks: dict[str, torch.Tensor] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)   # other files for the run directory (a plot)
 
 
 class Method:

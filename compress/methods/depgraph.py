@@ -1,9 +1,11 @@
 """DepGraph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023).
 
 Group importance is Torch-Pruning's GroupMagnitudeImportance(p=2), normalised per group
-(compress/pruning/importance.py). With `--sparse-train-epochs N` the dense model is first trained for N
-epochs with the group-lasso regulariser γ_k·Imp_k (γ_k = 2^{α(Imp_max − Imp_k)/(Imp_max − Imp_min)}), which
-drives whole unimportant groups of weights towards zero before they are ranked. With `--iterative-steps K`
+(compress/pruning/importance.py). DepGraph's sparse training (the group-lasso regulariser γ_k·Imp_k,
+γ_k = 2^{α(Imp_max − Imp_k)/(Imp_max − Imp_min)}, which drives whole unimportant groups of weights towards
+zero before they are ranked) is the prune pipeline's sparse-training stage, open to every method:
+`--sparse-train-epochs N [--sparse-reg group-lasso] [--sparse-lambda λ]` (compress/sparse.py); `mask_overlap`
+then compares with the masks of the dense weights' scores. With `--iterative-steps K`
 the network is pruned progressively, as in the paper's benchmarks (Torch-Pruning's `iterative_steps`): K
 steps whose FLOPs targets fall linearly from 1 to the final ratio, every step re-scoring the network with
 the units removed so far cut out (their weights zeroed: exactly the slimmed network's scores) — so a unit
@@ -12,45 +14,31 @@ whose inputs were pruned is judged by the weights it has left. No training happe
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from compress.errors import CompressError
 from compress.methods.base import Method, MethodOption, PruneContext, SearchResult, register
-from compress.pruning.importance import group_l2_scores, group_lasso, units_removed
+from compress.pruning.importance import group_l2_scores, units_removed
 
 
 @register
 class DepGraph(Method):
     name = "depgraph"
-    summary = "group L2-norm importance over coupled layers, optional group-lasso sparse training (Fang et al. 2023)"
+    summary = ("group L2-norm importance over coupled layers (Fang et al. 2023); group-lasso sparse training via "
+               "--sparse-train-epochs")
     options = (
-        MethodOption("--sparse-train-epochs", int, 0, "epochs of group-lasso sparse training before ranking"),
-        MethodOption("--sparse-reg", float, 5e-4, "strength of the group-lasso regulariser"),
-        MethodOption("--sparse-alpha", float, 4.0, "α of γ_k: how much harder less important units are pushed"),
         MethodOption("--iterative-steps", int, 1, "prune progressively in K steps (targets falling linearly to "
                      "--flops-ratio or --latency-ratio), re-scoring the network each step with the units already "
                      "removed"),
     )
 
     def search(self, ctx: PruneContext) -> SearchResult:
-        from compress.loop import Fit, evaluate, run_stage
-
-        epochs, steps = self.config["sparse_train_epochs"], self.config["iterative_steps"]
-        if epochs < 0:
-            raise CompressError(f"--sparse-train-epochs must be ≥ 0, got {epochs}")
+        steps = self.config["iterative_steps"]
         if steps < 1:
             raise CompressError(f"--iterative-steps must be ≥ 1, got {steps}")
-        initial = ctx.select_masks(group_l2_scores(ctx.groups))
+        first = (ctx.before_sparse or {}).get("group_l2")      # the dense weights' scores, if sparse training ran
+        initial = ctx.select_masks(first if first is not None else group_l2_scores(ctx.groups))
         stages = {}
-        if epochs:
-            start = time.perf_counter()
-            reg = group_lasso(ctx.groups, alpha=self.config["sparse_alpha"], reg=self.config["sparse_reg"])
-            record = run_stage(ctx.module, ctx.data, Fit("sparse train", epochs, ctx.lr, extra_loss=reg),
-                               batch_size=ctx.batch_size, seed=ctx.seed, checkpoint=ctx.checkpoint)
-            stages["sparse_train"] = {"wall_s": ctx.stopwatch.lap("sparse_train", start), "epochs": epochs,
-                                      "val_acc": evaluate(ctx.module, ctx.data.val), "history": record.history}
         scores, progressive = progressive_scores(ctx, steps)
         if progressive:
             stages["iterative"] = {"steps": steps, "per_step": progressive}

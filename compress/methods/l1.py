@@ -12,4 +12,6 @@ class L1(Method):
     summary = "L1 norm of each output filter of a group's root layer (Li et al. 2017)"
 
     def search(self, ctx: PruneContext) -> SearchResult:
-        return SearchResult(scores=l1_scores(ctx.groups))
+        first = (ctx.before_sparse or {}).get("l1")           # sparse training moved the ranking from these
+        return SearchResult(scores=l1_scores(ctx.groups),
+                            initial_masks=ctx.select_masks(first) if first is not None else None)

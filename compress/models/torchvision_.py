@@ -7,6 +7,12 @@ from torch import nn
 from compress.errors import CompressError
 
 SMALL_INPUT_PX = 64
+# GoogLeNet and Inception-v3 are built without their auxiliary classifiers: those run only in training
+# mode (so channel analysis, which traces in eval mode, never sees them and their inputs would not be
+# slimmed) and only regularise the original ImageNet schedule. init_weights=False: PyTorch's default
+# initialisation, without torchvision's warning that its scipy-based one is slow and going away.
+AUX_HEADS = {"googlenet": {"aux_logits": False, "init_weights": False},
+             "inception_v3": {"aux_logits": False, "init_weights": False}}
 
 
 class TorchvisionFamily:
@@ -37,9 +43,11 @@ class TorchvisionFamily:
 
         # torchvision ViTs bake the input size into their position embedding.
         kwargs = {"image_size": image_size} if name.startswith("vit_") else {}
+        if name in AUX_HEADS:
+            kwargs.update(AUX_HEADS[name])
         if weights:
             try:
-                net = tvm.get_model(name, weights=weights)
+                net = tvm.get_model(name, weights=weights, **AUX_HEADS.get(name, {}))
             except Exception as exc:
                 raise CompressError(f"cannot load torchvision weights {weights!r} for {name}: {exc}") from None
             replace_classifier(net, num_classes)

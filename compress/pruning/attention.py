@@ -6,6 +6,9 @@ stream. `SplitAttention` computes the same function with four `nn.Linear` layers
 sees the heads as one channel group (q/k/v outputs + out-projection inputs) that is independent of
 the residual stream, and a slimmed model simply has fewer heads of the same size. Attention uses
 explicit matmuls so that fvcore counts its FLOPs and ONNX export needs no special operator.
+
+timm's ViT-family `Attention` (one fused qkv Linear, scaled_dot_product_attention) hides its heads
+the same way; `SplitSelfAttention` is its split equivalent (called with one input, like timm's).
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ class SplitAttention(nn.Module):
     """Drop-in replacement for `nn.MultiheadAttention` (self- or cross-attention, no masks)."""
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True,
-                 dropout: float = 0.0, batch_first: bool = True):
+                 dropout: float = 0.0, batch_first: bool = True, out_bias: bool | None = None):
         super().__init__()
         inner = num_heads * head_dim
         self.q = nn.Linear(embed_dim, inner, bias=bias)
         self.k = nn.Linear(embed_dim, inner, bias=bias)
         self.v = nn.Linear(embed_dim, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias if out_bias is None else out_bias)
         self.head_dim = head_dim
         self.dropout = dropout
         self.batch_first = batch_first
@@ -76,16 +79,54 @@ class SplitAttention(nn.Module):
         return new.train(mha.training)
 
 
-def split_attention(net: nn.Module) -> list[str]:
-    """Replace every `nn.MultiheadAttention` in `net` by an equivalent `SplitAttention`, in place.
+class SplitSelfAttention(SplitAttention):
+    """timm's `Attention` (ViT, DeiT, …) with split projections: self-attention on one input."""
 
-    Returns the names of the replaced modules.
-    """
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                **_) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("SplitSelfAttention supports unmasked attention")
+        return super().forward(x, x, x)[0]
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module) -> SplitSelfAttention | None:
+        """An equivalent module carrying timm `Attention` `attn`'s weights, or None for variants it does
+        not cover (q/k normalisation, output normalisation or gate, dropout after the projection)."""
+        identities = (attn.q_norm, attn.k_norm, getattr(attn, "norm", nn.Identity()))
+        plain = (all(isinstance(m, nn.Identity) for m in identities) and getattr(attn, "gate", None) is None
+                 and attn.proj.in_features == attn.proj.out_features == attn.qkv.in_features
+                 and not attn.proj_drop.p and abs(attn.scale * math.sqrt(attn.head_dim) - 1) < 1e-6)
+        if not plain:
+            return None
+        e, inner = attn.qkv.in_features, attn.num_heads * attn.head_dim
+        new = cls(e, attn.num_heads, attn.head_dim, bias=attn.qkv.bias is not None, dropout=attn.attn_drop.p,
+                  out_bias=attn.proj.bias is not None)
+        with torch.no_grad():
+            for i, lin in enumerate((new.q, new.k, new.v)):
+                lin.weight.copy_(attn.qkv.weight[i * inner:(i + 1) * inner])
+                if lin.bias is not None:
+                    lin.bias.copy_(attn.qkv.bias[i * inner:(i + 1) * inner])
+            new.out_proj.weight.copy_(attn.proj.weight)
+            if new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(attn.proj.bias)
+        return new.train(attn.training)
+
+
+def split_attention(net: nn.Module) -> list[str]:
+    """Replace every `nn.MultiheadAttention` in `net` by an equivalent `SplitAttention`, and every plain
+    timm `Attention` by a `SplitSelfAttention`, in place. Returns the names of the replaced modules."""
     replaced = []
     for name, mod in list(net.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
-            parent_name, _, child = name.rpartition(".")
-            parent = net.get_submodule(parent_name) if parent_name else net
-            setattr(parent, child, SplitAttention.from_mha(mod))
-            replaced.append(name)
+            new = SplitAttention.from_mha(mod)
+        elif type(mod).__name__ == "Attention" and type(mod).__module__.startswith("timm."):
+            new = SplitSelfAttention.from_timm(mod)
+        else:
+            continue
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, new)
+        replaced.append(name)
     return replaced

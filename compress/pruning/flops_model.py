@@ -11,10 +11,14 @@ is always confirmed with real fvcore on the slimmed deployable module.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from compress.pruning.attention import SplitAttention
 from compress.pruning.cost import CostModel, LayerWidths
 
 if TYPE_CHECKING:
@@ -55,3 +59,41 @@ class FlopsModel(CostModel):
         """Estimated FLOPs for `kept` units per group ([G] or a batch [B, G]; float, may need grad)."""
         kept = kept.to(device="cpu", dtype=torch.float64)   # the model lives on the CPU
         return self.fixed_flops + (self.layer_flops * self.layers.frac_in(kept) * self.layers.frac_out(kept)).sum(-1)
+
+
+def module_flops(net: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
+    """fvcore FLOPs per module (own ops only, children excluded) and the total, on `example_input`."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from compress.flops import ATTENTION_HANDLES
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(net, example_input[:1])
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            analysis.set_op_handle(**ATTENTION_HANDLES)
+            by_module = analysis.by_module()
+            total = int(analysis.total())
+    finally:
+        net.train(was_training)
+    own = {}
+    for name, mod in net.named_modules():
+        children = sum(by_module.get(f"{name}.{c}" if name else c, 0) for c, _ in mod.named_children())
+        own[name] = int(by_module.get(name, 0)) - int(children)
+    return own, total
+
+
+def attention_flops(net: nn.Module, groups: list[ChannelGroup]) -> dict[str, str]:
+    """SplitAttention modules whose own matmul FLOPs scale with a head group: module name -> group id."""
+    out = {}
+    for g in groups:
+        if g.kind == "heads":
+            for m in g.items:
+                parent = m.name.rpartition(".")[0]
+                if isinstance(net.get_submodule(parent), SplitAttention):
+                    out[parent] = g.id
+    return out

@@ -9,6 +9,9 @@ of its groups becomes one `ChannelGroup`, with
   groups a unit is a whole head (head_dim channels), and in groups that pass through a grouped
   convolution a unit is one channel position taken in every convolution group (so each group of
   the convolution keeps the same width),
+- ties (ties.py): a channel shuffle or an equal split computes its channel layout at run time, so
+  it ties channel positions together; tied units are merged, across Torch-Pruning groups if need
+  be, into one unit of one group,
 - gate sites: the input channels of the *mixing* consumers (non-depthwise convolutions, Linear
   layers). Zeroing a channel at every mixing consumer is exactly equivalent to removing it,
   because everything else on the way (BN, activations, adds, depthwise convs, pooling, SE
@@ -23,8 +26,6 @@ keep their full width; ViT/ConvNeXt stay prunable through their MLP hidden dims 
 from __future__ import annotations
 
 import logging
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +33,14 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.pruning.attention import SplitAttention, split_attention
+from compress.pruning.guard import bounded_mappings, guarded
+from compress.pruning.layout import Tie, equal_splits
+from compress.pruning.tracing import CallRecord, mapping_limit, record_calls, tp_groups, trace
 
 log = logging.getLogger(__name__)
 
 # Autograd ops that act on each channel separately (or only move whole channels around, which
-# Torch-Pruning maps): they may sit inside a group. Anything else inside a group is refused.
+# Torch-Pruning maps): they may sit inside a group. A group with anything else inside is excluded.
 CHANNEL_SAFE_OPS = {
     "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0", "NegBackward0", "CloneBackward0",
     "ReluBackward0", "HardtanhBackward0", "SigmoidBackward0", "HardsigmoidBackward0", "HardswishBackward0",
@@ -67,11 +71,12 @@ class Member:
     layer: str                # "conv", "dwconv", "gconv", "linear", "norm", "param", "op" (parameter-free)
     idx: torch.Tensor         # channel indices in the layer's pruned dimension
     unit: torch.Tensor        # for each of them, the group unit it belongs to
+    units: int = 0            # the group's width
 
     @property
     def per_unit(self) -> float:
-        """How many of this layer's channels one unit spans (e.g. H·W for a Linear after flatten)."""
-        return len(self.idx) / max(1, int(self.unit.max()) + 1) if len(self.idx) else 0.0
+        """How many of this layer's channels one unit spans on average (e.g. H·W for a Linear after flatten)."""
+        return len(self.idx) / self.units if self.units else 0.0
 
 
 @dataclass(eq=False)
@@ -80,17 +85,20 @@ class ChannelGroup:
 
     id: str                   # name of the root layer (stable across runs of the same architecture)
     width: int                # number of units (the gate/mask length)
-    channels: int             # output channels of the root layer (= width × unit_channels)
+    channels: int             # output channels of the root layer
     members: list[str]        # names of the coupled layers
     depth: float              # execution position of the root layer among the groups: 0 (first) … 1 (last)
-    kind: str = "channels"    # "channels", "heads" (unit = one attention head) or "tiled" (grouped conv)
+    kind: str = "channels"    # "channels", "heads" (unit = one attention head), "tiled" (grouped conv) or
+                              # "tied" (positions tied by a shuffle/split, possibly over several root layers)
     unit_channels: int = 1    # root channels per unit
     items: list[Member] = field(default_factory=list, repr=False)
     graph: GroupGraph | None = field(default=None, repr=False)
+    roots: list[str] = field(default_factory=list)   # the root layers of the Torch-Pruning groups it merges
 
-    def units_of_channels(self) -> torch.Tensor:
-        """For each root channel, its unit (LongTensor [channels])."""
-        return self.graph.unit_of[self.id]
+    def tp_roots(self) -> list[tuple[nn.Module, object, torch.Tensor]]:
+        """Torch-Pruning's view of the group: per root layer, (module, its pruning function, the unit of each
+        of its output channels); one root, or several where ties merged Torch-Pruning groups."""
+        return self.graph.tp_roots[self.id]
 
     @property
     def flops_share(self) -> float:
@@ -106,162 +114,241 @@ class GroupGraph:
         self.net = net
         self.dg = dg
         self.example_input = example_input
-        self.roots: dict[str, tuple[nn.Module, object]] = {}   # group id -> (root module, TP pruning fn)
-        self.unit_of: dict[str, torch.Tensor] = {}
         self.excluded: list[tuple[str, str]] = []               # (root layer, reason)
         self.groups: list[ChannelGroup] = []
-        self.calls = _CallRecord()
+        # group id -> the Torch-Pruning pruning steps of its layers: (dependency, channel idx, unit of each)
+        self.actions: dict[str, list[tuple[object, torch.Tensor, torch.Tensor]]] = {}
+        self.tp_roots: dict[str, list[tuple[nn.Module, object, torch.Tensor]]] = {}   # see ChannelGroup.tp_roots
+        self.calls = CallRecord()
         self.slimmed = False
         self._flops_model = None
 
     @property
     def flops_model(self):
         """The FlopsModel of the dense network (fvcore runs on first use, which must precede slimming)."""
-        from compress.pruning.flops_model import FlopsModel
+        from compress.pruning.flops_model import FlopsModel, attention_flops, module_flops
 
         if self._flops_model is None:
             if self.slimmed:
                 raise ValueError("the FLOPs model must be built before the network is slimmed")
-            module_flops, total = _module_flops(self.net, self.example_input)
-            self._flops_model = FlopsModel(self.groups, module_flops, total, _attention_flops(self.net, self.groups))
+            own, total = module_flops(self.net, self.example_input)
+            self._flops_model = FlopsModel(self.groups, own, total, attention_flops(self.net, self.groups))
         return self._flops_model
 
 
-def find_groups(net: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+def find_groups(net: nn.Module, example_input: torch.Tensor, *, max_memory_gb: float | None = None,
+                max_seconds: float | None = None) -> list[ChannelGroup]:
     """The prunable channel groups of `net`, in execution order of their root layers.
 
     `nn.MultiheadAttention` modules are first replaced in place by the equivalent `SplitAttention`
     (same function and weights) so that attention heads become prunable groups. The classifier (every
-    layer whose output is the network output) is never pruned. Raises `CompressError` naming the
-    layer or op when the network cannot be traced or grouped.
+    layer whose output is the network output) is never pruned. A group that cannot be pruned exactly
+    (an op on its path that may mix channels, a normalisation over all channels, a channel mapping
+    the dependency graph cannot derive) is left at full width and recorded in `graph.excluded`.
+    The analysis runs under a memory and time guard (guard.py; the limits default to
+    COMPRESS_ANALYSIS_MAX_GB of growth and COMPRESS_ANALYSIS_MAX_S). Raises `CompressError` naming
+    the layer or op when the network cannot be traced, when the guard stops the analysis, or when
+    every group had to be excluded.
     """
     split_attention(net)
     was_training = net.training
-    with _record_calls(net) as calls:
-        dg = _trace(net, example_input)
-    net.train(was_training)
-    graph = GroupGraph(net, dg, example_input)
-    graph.calls = calls
-    outputs = _output_layers(dg)
-    groups = []
-    for tp_group in dg.get_all_groups(ignored_layers=outputs):
-        group = _make_group(graph, tp_group)
-        if group is not None:
-            groups.append(group)
+    with guarded("dependency analysis of this network", max_memory_gb, max_seconds), \
+            bounded_mappings(mapping_limit(net)):
+        with record_calls(net) as calls:
+            dg = trace(net, example_input, calls)
+        net.train(was_training)
+        graph = GroupGraph(net, dg, example_input)
+        graph.calls = calls
+        raws = [_read(graph, tp_group) for tp_group in tp_groups(dg, graph.excluded)]
+        groups = _assemble(graph, raws, [*getattr(dg, "ties", []), *equal_splits(dg)])
     positions = [calls.order.get(g.id, 0) for g in groups]
     first, span = min(positions, default=0), max(1, max(positions, default=1) - min(positions, default=0))
     for g, pos in zip(groups, positions, strict=True):
         g.depth = round((pos - first) / span, 4)
     groups.sort(key=lambda g: (g.depth, g.id))
     graph.groups = groups
+    graph.excluded.sort(key=lambda e: calls.order.get(e[0], 0))
     for root, reason in graph.excluded:
         log.info("group at %s not prunable: %s", root, reason)
+    if not groups and graph.excluded:
+        reasons = "; ".join(f"{root}: {why}" for root, why in graph.excluded[:3])
+        more = f" (and {len(graph.excluded) - 3} more)" if len(graph.excluded) > 3 else ""
+        raise CompressError(f"no channel group of this network can be pruned exactly — {reasons}{more}")
     return groups
 
 
-def _trace(net: nn.Module, example_input: torch.Tensor):
-    import torch_pruning as tp
+@dataclass(eq=False)
+class _Raw:
+    """One Torch-Pruning group as read: its layers and ops with their indices and root indices."""
 
-    dg = tp.DependencyGraph()
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return dg.build_dependency(net, example_inputs=example_input, verbose=False)
-    except Exception as exc:  # tracing runs arbitrary model code
-        where = _locate_failure(dg)
-        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if where:
-            raise CompressError(f"cannot group the channels of this network: {where} ({detail})") from None
-        raise CompressError(f"cannot trace the network for pruning: {detail}") from None
+    root: str
+    root_dep: object                                                    # TP dependency of the root layer
+    channels: int
+    layers: list[tuple[str, nn.Module, str, list[int], list[int]]]      # (name, module, side, idxs, root idxs)
+    kinds: dict[str, str]
+    actions: list[tuple[object, list[int], list[int]]]                  # (TP dependency, idxs, root idxs)
+    at: dict[object, list[tuple[int, int]]]                             # op node -> [(idx, root idx)]
+    reason: str | None = None
+    kind: str = "channels"
 
 
-def _locate_failure(dg) -> str | None:
-    """After a failed build, the reshape/concat/split op whose channel mapping cannot be derived."""
-    import torch_pruning as tp
-    from torch_pruning.dependency import index_mapping as im
-
-    updates = {tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
-               tp.ops.OPTYPE.CONCAT: im.update_concat_index_mapping,
-               tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping}
-    for node in getattr(dg, "module2node", {}).values():
-        update = updates.get(node.type)
-        if update is None:
+def _read(graph: GroupGraph, tp_group) -> _Raw:
+    """Read one Torch-Pruning group; `reason` says why it cannot be pruned exactly (None if it can)."""
+    dg = graph.dg
+    root_name = dg._module2name[tp_group[0].dep.target.module]
+    layers, ops, actions, at = [], [], [], {}
+    for item in tp_group:
+        node, handler = item.dep.target, item.dep.handler
+        idxs, root_idxs = list(item.idxs), list(item.root_idxs)
+        actions.append((item.dep, idxs, root_idxs))
+        mod = node.module
+        name = dg._param_to_name.get(mod) if isinstance(mod, nn.Parameter) else dg._module2name.get(mod)
+        if name is None:
+            ops.append(node)
+            at[node] = list(zip(idxs, root_idxs, strict=True))
+            owner = graph.calls.by_grad_fn.get(node.grad_fn)
+            if owner is not None and not isinstance(mod, nn.Parameter):   # a parameter-free module (pooling…)
+                layers.append((owner, graph.net.get_submodule(owner), "local", idxs, root_idxs))
             continue
-        try:
-            update(dg, node)
-        except Exception:
-            op = node.grad_fn.name() if hasattr(node.grad_fn, "name") else type(node.module).__name__
-            return (f"operation {op} after layer {_nearest_layer(dg, node)} rearranges channels in a way "
-                    "the pruner cannot map")
+        is_out, is_in = dg.is_out_channel_pruning_fn(handler), dg.is_in_channel_pruning_fn(handler)
+        side = "local" if (is_out and is_in) or isinstance(mod, nn.Parameter) else ("out" if is_out else "in")
+        layers.append((name, mod, side, idxs, root_idxs))
+    kinds = {n: _layer_kind(m) for n, m, *_ in layers}
+    raw = _Raw(root_name, tp_group[0].dep, len(tp_group[0].idxs), layers, kinds, actions, at)
+    raw.reason = _why_not(graph, raw, ops)
+    return raw
+
+
+def _why_not(graph: GroupGraph, raw: _Raw, ops) -> str | None:
+    """Why a group cannot be gated (and slimmed) exactly, or None; sets raw.kind."""
+    kinds = raw.kinds
+    norm = next((n for n, k in kinds.items() if k == "statnorm"), None)
+    if norm:
+        return f"its channels are normalised together by {norm} (LayerNorm/GroupNorm)"
+    bad = next((n for n, k in kinds.items() if k in ("mha", "other")), None)
+    if bad:
+        return f"layer {bad} ({type(graph.net.get_submodule(bad)).__name__}) cannot be gated exactly"
+    identity = all(idxs == root_idxs for _n, _m, _s, idxs, root_idxs in raw.layers)
+    head_dim = _head_dim(graph.net, raw.layers)
+    tiles = {mod.groups for name, mod, *_ in raw.layers if kinds[name] == "gconv"}
+    if head_dim is not None:
+        if not identity or raw.channels % head_dim:
+            return "attention projections are not aligned with whole heads"
+        raw.kind = "heads"
+    elif tiles:
+        if len(tiles) > 1 or not identity or raw.channels % next(iter(tiles)):
+            return f"grouped convolutions with different group counts {sorted(tiles)} share it"
+        raw.kind = "tiled"
+    unsafe = _unsafe_op(ops, is_heads=raw.kind == "heads", unsafe=getattr(graph.dg, "unsafe", {}))
+    if unsafe:
+        return f"operation {unsafe} on its path is not known to keep channels separate"
     return None
 
 
-def _nearest_layer(dg, node) -> str:
-    stack, seen = list(node.inputs), set()
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
+class _Union:
+    """Union-find over integers."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _assemble(graph: GroupGraph, raws: list[_Raw], ties: list[Tie]) -> list[ChannelGroup]:
+    """Units from union-find over (group, root channel): heads and grouped-conv positions within a
+    group, tie positions across groups; groups whose units meet become one ChannelGroup."""
+    offset = [0]
+    for raw in raws:
+        offset.append(offset[-1] + raw.channels)
+    units, linked = _Union(offset[-1]), _Union(len(raws))
+    for r, raw in enumerate(raws):
+        ch = range(raw.channels)
+        if raw.kind == "heads":
+            head_dim = _head_dim(graph.net, raw.layers)
+            for c in ch:
+                units.union(offset[r] + c, offset[r] + c - c % head_dim)
+        elif raw.kind == "tiled":
+            per_tile = raw.channels // next(mod.groups for name, mod, *_ in raw.layers if raw.kinds[name] == "gconv")
+            for c in ch:
+                units.union(offset[r] + c, offset[r] + c % per_tile)
+    tied = set()
+    for tie in ties:
+        holders = [(r, idx, root) for r, raw in enumerate(raws) for idx, root in raw.at.get(tie.node, ())]
+        if not holders:
             continue
-        seen.add(n)
-        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
-        if name:
-            return name
-        stack.extend(n.inputs)
-    return "(network input)"
-
-
-class _CallRecord:
-    """What one forward pass shows about the modules: call order, and which module produced which
-    autograd node (so parameter-free modules such as pooling can be found inside groups)."""
-
-    def __init__(self):
-        self.order: dict[str, int] = {}
-        self.by_grad_fn: dict[object, str] = {}
-        self.channels: dict[str, int] = {}
-
-
-@contextmanager
-def _record_calls(net: nn.Module):
-    """Records, while active, module call order and output autograd nodes."""
-    rec = _CallRecord()
-    names = {m: n for n, m in net.named_modules()}
-
-    def before(mod, _inputs):
-        rec.order.setdefault(names[mod], len(rec.order))
-
-    def after(mod, _inputs, out):
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() >= 2:
-            rec.by_grad_fn.setdefault(out.grad_fn, names[mod])
-            rec.channels.setdefault(names[mod], out.shape[1] if out.dim() == 4 else out.shape[-1])
-
-    hooks = [m.register_forward_pre_hook(before) for m in net.modules()]
-    hooks += [m.register_forward_hook(after) for m in net.modules() if not list(m.children())]
-    try:
-        yield rec
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _output_layers(dg) -> list[nn.Module]:
-    """Layers whose outputs reach the network output through parameter-free ops only."""
-    import torch_pruning as tp
-
-    found, seen = [], set()
-    stack = [n for n in dg.module2node.values() if n.type == tp.ops.OPTYPE.OUTPUT or not n.outputs]
-    while stack:
-        node = stack.pop()
-        if node in seen:
+        covered = {idx for _r, idx, _root in holders}
+        if len(covered) < tie.channels:   # some tied channels belong to no prunable group
+            for r in {r for r, *_ in holders}:
+                raws[r].reason = raws[r].reason or (f"a {tie.what} ties its channels to channels that cannot be "
+                                                    "pruned")
+        first_at: dict[int, tuple[int, int]] = {}
+        for r, idx, root in holders:
+            tied.add(r)
+            r0, root0 = first_at.setdefault(tie.position(idx), (r, root))
+            units.union(offset[r0] + root0, offset[r] + root)
+            linked.union(r0, r)
+    components: dict[int, list[int]] = {}
+    for r in range(len(raws)):
+        components.setdefault(linked.find(r), []).append(r)
+    groups = []
+    for members in components.values():
+        if bool(tied & set(members)) and len({units.find(offset[r] + c) for r in members
+                                              for c in range(raws[r].channels)}) == 1:
+            raws[members[0]].reason = raws[members[0]].reason or (
+                "channel shuffles or equal splits tie all its channels together (nothing can be removed "
+                "without breaking their layout)")
+        bad = next((raws[r] for r in members if raws[r].reason), None)
+        if bad is not None:
+            for r in members:
+                why = bad.reason if raws[r] is bad else f"tied to the channels of {bad.root}: {bad.reason}"
+                graph.excluded.append((raws[r].root, why))
             continue
-        seen.add(node)
-        if isinstance(node.module, nn.Module) and node.module in dg._module2name and node.type not in (
-                tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.OUTPUT):
-            found.append(node.module)
-            if not isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
-                stack.extend(node.inputs)   # a norm layer after the classifier: keep walking back
-            continue
-        stack.extend(node.inputs)
-    return found
+        groups.append(_group(graph, [raws[r] for r in members], [offset[r] for r in members], units,
+                             tied=bool(tied & set(members))))
+    return groups
+
+
+def _group(graph: GroupGraph, raws: list[_Raw], offsets: list[int], units: _Union, tied: bool) -> ChannelGroup:
+    """One ChannelGroup from the Torch-Pruning groups `raws` whose units are classes of `units`."""
+    order = graph.calls.order
+    primary = min(range(len(raws)), key=lambda i: order.get(raws[i].root, 0))
+    ranked = [primary] + [i for i in range(len(raws)) if i != primary]
+    unit_id: dict[int, int] = {}
+    for i in ranked:
+        for c in range(raws[i].channels):
+            unit_id.setdefault(units.find(offsets[i] + c), len(unit_id))
+    width = len(unit_id)
+
+    def unit_of(i: int, root_idxs: list[int]) -> torch.Tensor:
+        return torch.tensor([unit_id[units.find(offsets[i] + c)] for c in root_idxs], dtype=torch.long)
+
+    items, actions = [], []
+    for i in ranked:
+        raw = raws[i]
+        for name, _mod, side, idxs, root_idxs in raw.layers:
+            if idxs:
+                items.append(Member(name=name, side=side, layer=raw.kinds[name], idx=torch.tensor(idxs),
+                                    unit=unit_of(i, root_idxs), units=width))
+        actions += [(dep, torch.tensor(idxs, dtype=torch.long), unit_of(i, root_idxs))
+                    for dep, idxs, root_idxs in raw.actions if idxs]
+    head = raws[primary]
+    kind = "tied" if tied or len(raws) > 1 else head.kind
+    unit_channels = head.channels // width if head.channels % width == 0 and kind != "tied" else 1
+    graph.actions[head.root] = actions
+    graph.tp_roots[head.root] = [(raws[i].root_dep.target.module, raws[i].root_dep.handler,
+                                  unit_of(i, list(range(raws[i].channels)))) for i in ranked]
+    return ChannelGroup(id=head.root, width=width, channels=head.channels,
+                        members=list(dict.fromkeys(m.name for m in items)), depth=0.0, kind=kind,
+                        unit_channels=max(1, unit_channels), items=items, graph=graph, roots=[r.root for r in raws])
 
 
 def _layer_kind(mod) -> str:
@@ -286,59 +373,6 @@ def _layer_kind(mod) -> str:
     return "other"
 
 
-def _make_group(graph: GroupGraph, tp_group) -> ChannelGroup | None:
-    """Turn one Torch-Pruning group into a ChannelGroup, or None (recorded in graph.excluded)."""
-    dg = graph.dg
-    root_dep = tp_group[0].dep
-    root_mod = root_dep.target.module
-    root_name = dg._module2name[root_mod]
-    channels = len(tp_group[0].idxs)
-    raw, ops = [], []
-    for item in tp_group:
-        node, handler = item.dep.target, item.dep.handler
-        mod = node.module
-        name = dg._param_to_name.get(mod) if isinstance(mod, nn.Parameter) else dg._module2name.get(mod)
-        if name is None:
-            ops.append(node)
-            owner = graph.calls.by_grad_fn.get(node.grad_fn)
-            if owner is not None and not isinstance(mod, nn.Parameter):   # a parameter-free module (pooling…)
-                raw.append((owner, graph.net.get_submodule(owner), "local", list(item.idxs), list(item.root_idxs)))
-            continue
-        is_out, is_in = dg.is_out_channel_pruning_fn(handler), dg.is_in_channel_pruning_fn(handler)
-        side = "local" if (is_out and is_in) or isinstance(mod, nn.Parameter) else ("out" if is_out else "in")
-        raw.append((name, mod, side, list(item.idxs), list(item.root_idxs)))
-
-    kinds = {name: _layer_kind(mod) for name, mod, *_ in raw}
-    if any(k == "statnorm" for k in kinds.values()):
-        norm = next(n for n, k in kinds.items() if k == "statnorm")
-        graph.excluded.append((root_name, f"its channels are normalised together by {norm} (LayerNorm/GroupNorm)"))
-        return None
-    if any(k in ("mha", "other") for k in kinds.values()):
-        bad = next(n for n, k in kinds.items() if k in ("mha", "other"))
-        graph.excluded.append((root_name, f"layer {bad} ({type(graph.net.get_submodule(bad)).__name__}) "
-                                          "cannot be gated exactly"))
-        return None
-
-    heads = _head_dim(graph.net, raw)
-    unit_of, kind, unit_channels = _unit_structure(graph, root_name, channels, raw, kinds, heads)
-    if unit_of is None:
-        return None
-    _check_ops(ops, root_name, is_heads=kind == "heads")
-
-    items = []
-    for name, _mod, side, idxs, root_idxs in raw:
-        if not idxs:
-            continue
-        items.append(Member(name=name, side=side, layer=kinds[name], idx=torch.tensor(idxs, dtype=torch.long),
-                            unit=unit_of[torch.tensor(root_idxs, dtype=torch.long)]))
-    graph.roots[root_name] = (root_mod, root_dep.handler)
-    graph.unit_of[root_name] = unit_of
-    width = int(unit_of.max()) + 1
-    members = list(dict.fromkeys(m.name for m in items))
-    return ChannelGroup(id=root_name, width=width, channels=channels, members=members, depth=0.0,
-                        kind=kind, unit_channels=unit_channels, items=items, graph=graph)
-
-
 def _head_dim(net: nn.Module, raw) -> int | None:
     """head_dim if the group holds the q/k/v outputs of a SplitAttention (an attention-head group)."""
     for name, _mod, side, *_ in raw:
@@ -349,31 +383,20 @@ def _head_dim(net: nn.Module, raw) -> int | None:
     return None
 
 
-def _unit_structure(graph: GroupGraph, root: str, channels: int, raw, kinds, head_dim):
-    """unit_of[channel] for the group, its kind and channels per unit; None if it cannot be pruned exactly."""
-    ch = torch.arange(channels)
-    identity = all(idxs == root_idxs for _n, _m, _s, idxs, root_idxs in raw)
-    if head_dim is not None:
-        if not identity or channels % head_dim:
-            graph.excluded.append((root, "attention projections are not aligned with whole heads"))
-            return None, None, None
-        return ch // head_dim, "heads", head_dim
-    tiles = {mod.groups for name, mod, *_ in raw if kinds[name] == "gconv"}
-    if not tiles:
-        return ch, "channels", 1
-    if len(tiles) > 1 or not identity or channels % next(iter(tiles)):
-        graph.excluded.append((root, f"grouped convolutions with different group counts {sorted(tiles)} share it"))
-        return None, None, None
-    n_tiles = next(iter(tiles))
-    return ch % (channels // n_tiles), "tiled", n_tiles
-
-
-def _check_ops(ops, root: str, is_heads: bool) -> None:
+def _unsafe_op(ops, is_heads: bool, unsafe: dict) -> str | None:
+    """The first op of a group that may mix its channels (so gating ≠ slimming), or None."""
     for node in ops:
         fn = node.grad_fn
         op = fn.name() if fn is not None and hasattr(fn, "name") else type(node.module).__name__
-        if node.module.__class__.__name__ in ("_ConcatOp", "_SplitOp", "_ReshapeOp", "_ExpandOp", "_SliceOp",
-                                              "_OutputOp", "_UnbindOp"):
+        kind = node.module.__class__.__name__
+        if node in unsafe:
+            return f"{op} ({unsafe[node]}: the slimmed code would not follow the removed channels)"
+        if kind in ("_SplitOp", "_SliceOp"):
+            fixed = _fixed_channel_cut(fn)
+            if fixed:
+                return f"{op} ({fixed}: the slimmed code would still cut at the dense sizes)"
+            continue
+        if kind in ("_ConcatOp", "_ReshapeOp", "_ExpandOp", "_OutputOp", "_UnbindOp"):
             continue
         allowed = op in CHANNEL_SAFE_OPS or (is_heads and op in HEAD_SAFE_OPS)
         if op in _PADS:
@@ -383,43 +406,29 @@ def _check_ops(ops, root: str, is_heads: bool) -> None:
             sizes = getattr(fn, "_saved_self_sym_sizes", ())
             allowed = not (len(sizes) == 4 and any(int(d) % 4 == 1 for d in dims))
         if not allowed:
-            raise CompressError(f"cannot group the channels of layer {root}: operation {op} on its path is not "
-                                "known to keep channels separate (architecture not supported by the pruner)")
+            return op
+    return None
 
 
-def _module_flops(net: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
-    """fvcore FLOPs per module (own ops only, children excluded) and the total, on `example_input`."""
-    from fvcore.nn import FlopCountAnalysis
-
-    from compress.flops import ATTENTION_HANDLES
-
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(net, example_input[:1])
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            analysis.set_op_handle(**ATTENTION_HANDLES)
-            by_module = analysis.by_module()
-            total = int(analysis.total())
-    finally:
-        net.train(was_training)
-    own = {}
-    for name, mod in net.named_modules():
-        children = sum(by_module.get(f"{name}.{c}" if name else c, 0) for c, _ in mod.named_children())
-        own[name] = int(by_module.get(name, 0)) - int(children)
-    return own, total
-
-
-def _attention_flops(net: nn.Module, groups: list[ChannelGroup]) -> dict[str, str]:
-    """SplitAttention modules whose own matmul FLOPs scale with a head group: module name -> group id."""
-    out = {}
-    for g in groups:
-        if g.kind == "heads":
-            for m in g.items:
-                parent = m.name.rpartition(".")[0]
-                if isinstance(net.get_submodule(parent), SplitAttention):
-                    out[parent] = g.id
-    return out
+def _fixed_channel_cut(fn) -> str | None:
+    """For a split or slice along the channel dimension that a slimmed network would still cut at its dense
+    sizes (explicit split sizes, slice bounds inside the tensor), what it is; None for equal splits along
+    dim 1 (layout.py decides those) and for other dims."""
+    sizes = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
+    dim = getattr(fn, "_saved_dim", None)
+    if not sizes or dim is None:
+        return None
+    channel_dim = len(sizes) - 1 if len(sizes) == 3 else 1
+    if dim % len(sizes) != channel_dim:
+        return None
+    name = fn.name()
+    if name == "SplitBackward0":        # chunks along dim 1 are tied (layout.py); cuts at fixed sizes are unsafe there
+        if channel_dim != 1:
+            return "a split of the channel dimension of a token tensor"
+        return None if sizes[dim] % int(fn._saved_split_size) == 0 else "an uneven channel split"
+    if name == "SplitWithSizesBackward0":
+        return "a channel split into fixed sizes"
+    if name == "SliceBackward0":
+        start, end, step = int(fn._saved_start), min(int(fn._saved_end), sizes[dim]), int(fn._saved_step)
+        return None if (start, end, step) == (0, sizes[dim], 1) else f"a fixed channel slice [{start}:{end}]"
+    return None

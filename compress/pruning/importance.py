@@ -1,6 +1,7 @@
 """Importance criteria: per-unit scores of each group, independent of how masks are applied.
 
-- `l1_scores` (Li et al., 2017): L1 norm of each output filter of the group's root layer.
+- `l1_scores` (Li et al., 2017): L1 norm of each output filter of the group's root layer (summed over
+  the root layers of a group that ties several, e.g. the branches a channel shuffle interleaves).
 - `group_l2_scores` (DepGraph, Fang et al., 2023), computed by Torch-Pruning itself
   (`GroupMagnitudeImportance(p=2)`): per channel, the squared L2 norms of its coupled conv/Linear output
   filters and input columns and BN scales, averaged over the group's layers (Torch-Pruning counts no
@@ -43,9 +44,10 @@ def group_l2_scores(groups: list[ChannelGroup], normalize: bool = True) -> dict[
     criterion = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     out = {}
     for g in groups:
-        root, fn = g.graph.roots[g.id]
-        per_channel = criterion(g.graph.dg.get_pruning_group(root, fn, list(range(g.channels)))).float().cpu()
-        imp = torch.zeros(g.width).index_add(0, g.units_of_channels().cpu(), per_channel)
+        imp = torch.zeros(g.width)
+        for root, fn, unit_of in g.tp_roots():
+            tp_group = g.graph.dg.get_pruning_group(root, fn, list(range(len(unit_of))))
+            imp.index_add_(0, unit_of, criterion(tp_group).float().cpu())
         out[g.id] = imp / (imp.mean() + 1e-12) if normalize else imp
     return out
 
@@ -86,10 +88,11 @@ def l1_scores(groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for g in groups:
-            root = next(m for m in g.items if m.name == g.id and m.side in ("out", "local"))
-            w = g.graph.net.get_submodule(root.name).weight
-            per = w.abs().flatten(1).sum(1).float().cpu()
-            out[g.id] = torch.zeros(g.width).index_add(0, root.unit, per[root.idx])
+            score = torch.zeros(g.width)
+            for root in (m for m in g.items if m.name in (g.roots or [g.id]) and m.side in ("out", "local")):
+                per = g.graph.net.get_submodule(root.name).weight.abs().flatten(1).sum(1).float().cpu()
+                score.index_add_(0, root.unit, per[root.idx])
+            out[g.id] = score
     return out
 
 

@@ -2,8 +2,12 @@
 
 `layer_spec` lists, for every layer that differs from the dense architecture, the constructor
 arguments that rebuild it; `apply_layer_spec` replaces those layers of a freshly built dense network
-with new modules of exactly those shapes (weights then come from model.pt). Nothing is pickled, so
-`compress.load` rebuilds a pruned model in any process from JSON + a weights-only state_dict.
+with new modules of exactly those shapes (weights then come from model.pt). Layers of other types
+(subclasses such as timm's BatchNormAct2d, modules holding their own parameters such as a layer
+scale) are recorded as "Resized": the integer attributes and tensor shapes in which they differ
+from the dense layer, which is resized in place on rebuild, as Torch-Pruning resized it. Nothing is
+pickled, so `compress.load` rebuilds a pruned model in any process from JSON + a weights-only
+state_dict.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.pruning.attention import SplitAttention
+from compress.pruning.attention import SplitAttention, SplitSelfAttention
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
@@ -34,6 +38,14 @@ def _layernorm(m: nn.LayerNorm) -> dict[str, Any]:
             "bias": m.bias is not None}
 
 
+def _split_attention(m: SplitAttention) -> dict[str, Any]:
+    attrs = {"embed_dim": m.q.in_features, "num_heads": m.num_heads, "head_dim": m.head_dim,
+             "bias": m.q.bias is not None, "dropout": m.dropout, "batch_first": m.batch_first}
+    if (m.out_proj.bias is not None) != attrs["bias"]:
+        attrs["out_bias"] = m.out_proj.bias is not None
+    return attrs
+
+
 def _layer_types() -> dict[str, tuple[type, Any]]:
     """Recordable layer types: name → (class, attributes of an instance)."""
     from torchvision.models.convnext import LayerNorm2d
@@ -48,9 +60,8 @@ def _layer_types() -> dict[str, tuple[type, Any]]:
         "GroupNorm": (nn.GroupNorm, lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels,
                                                "eps": m.eps, "affine": m.affine}),
         "PReLU": (nn.PReLU, lambda m: {"num_parameters": m.num_parameters}),
-        "SplitAttention": (SplitAttention, lambda m: {"embed_dim": m.q.in_features, "num_heads": m.num_heads,
-                                                      "head_dim": m.head_dim, "bias": m.q.bias is not None,
-                                                      "dropout": m.dropout, "batch_first": m.batch_first}),
+        "SplitAttention": (SplitAttention, _split_attention),
+        "SplitSelfAttention": (SplitSelfAttention, _split_attention),
     }
 
 
@@ -85,13 +96,44 @@ def layer_spec(net: nn.Module, reference: nn.Module | None = None) -> dict[str, 
             continue
         if ref is None or type(ref) is not type(mod):
             raise CompressError(f"cannot record layer {name} of type {type(mod).__name__} in model.json")
-        ref_shapes = _own_shapes(ref)
-        for pname, shape in _own_shapes(mod).items():
-            if ref_shapes.get(pname) != shape:
-                if pname not in dict(mod.named_parameters(recurse=False)):
-                    raise CompressError(f"cannot record buffer {name}.{pname} in model.json")
-                spec[f"{name}.{pname}"] = {"type": "Parameter", "shape": list(shape)}
+        spec[name] = _resized(mod, ref)
     return spec
+
+
+def _resized(mod: nn.Module, ref: nn.Module) -> dict[str, Any]:
+    """How `mod` differs from `ref`, a layer of the same type: integer attributes and tensor shapes."""
+    ref_shapes = _own_shapes(ref)
+    tensors = {k: list(v) for k, v in _own_shapes(mod).items() if ref_shapes.get(k) != v}
+    attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(mod).items()
+             if not k.startswith("_") and _is_size(v) and vars(ref).get(k) != v}
+    return {"type": "Resized", "class": type(mod).__name__, "attrs": attrs, "tensors": tensors}
+
+
+def _is_size(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, (tuple, list)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _resize(mod: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """Resize `mod` in place as a "Resized" entry records (tensor contents come from model.pt)."""
+    if type(mod).__name__ != entry.get("class"):
+        raise CompressError(f"model.json: layer {name} is a {entry.get('class')}, this model has a "
+                            f"{type(mod).__name__}")
+    for key, value in entry.get("attrs", {}).items():
+        current = getattr(mod, key, None)
+        if not _is_size(current):
+            raise CompressError(f"model.json: layer {name} has no size attribute {key!r}")
+        setattr(mod, key, tuple(value) if isinstance(current, tuple) else value)
+    for key, shape in entry.get("tensors", {}).items():
+        if key in mod._parameters and mod._parameters[key] is not None:
+            old = mod._parameters[key]
+            mod._parameters[key] = nn.Parameter(torch.zeros(shape, dtype=old.dtype), requires_grad=old.requires_grad)
+        elif key in mod._buffers and mod._buffers[key] is not None:
+            mod._buffers[key] = torch.zeros(shape, dtype=mod._buffers[key].dtype)
+        else:
+            raise CompressError(f"model.json: layer {name} has no tensor {key!r}")
 
 
 def apply_layer_spec(net: nn.Module, spec: dict[str, dict[str, Any]]) -> nn.Module:
@@ -105,6 +147,12 @@ def apply_layer_spec(net: nn.Module, spec: dict[str, dict[str, Any]]) -> nn.Modu
             parent = net.get_submodule(parent_name) if parent_name else net
         except AttributeError:
             raise CompressError(f"model.json names layer {name}, which this model does not have") from None
+        if kind == "Resized":
+            layer = getattr(parent, child, None)
+            if not isinstance(layer, nn.Module):
+                raise CompressError(f"model.json names layer {name}, which this model does not have")
+            _resize(layer, name, entry)
+            continue
         if kind == "Parameter":
             if not isinstance(getattr(parent, child, None), nn.Parameter):
                 raise CompressError(f"model.json names parameter {name}, which this model does not have")
