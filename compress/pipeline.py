@@ -428,7 +428,11 @@ def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: 
             best, best_err = (masks, estimate), abs(real - budget.ratio)
         if budget.within(real) or (budget.kind == "flops" and tokens is None and abs(real - estimate) < 1e-3):
             break   # on target, or the model was exact and only round-to granularity is left
-        aim = next_aim([(r["aim"], r["confirmed"]) for r in rounds], budget.ratio)
+        # never below what the cost model can reach (every group at its minimum width)
+        aim = max(smallest_ratio(groups, model, round_to), next_aim([(r["aim"], r["confirmed"]) for r in rounds],
+                                                                    budget.ratio))
+        if any(abs(aim - r["aim"]) < 1e-6 for r in rounds):
+            break   # the same selection again: nothing left to correct
     record["calibration"] = rounds
     return best
 
