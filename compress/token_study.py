@@ -52,6 +52,7 @@ class TokenStudyConfig:
     work: str = "runs/tokens"
     docs: str = "docs/tokens.md"
     bench: str | None = None
+    only_done: bool = False                # tables from the runs already made; the missing ones are listed
 
     def check(self) -> None:
         from compress.errors import CompressError
@@ -62,10 +63,19 @@ class TokenStudyConfig:
                                 f"{', '.join(ARMS)}; got {', '.join(self.arms)}")
 
 
-def _prune(out: Path, key: dict[str, Any], **kwargs) -> dict[str, Any]:
+class _NotRun(Exception):
+    """A run `--only-done` leaves out: it was not made (or not with these settings)."""
+
+
+def _prune(out: Path, key: dict[str, Any], only_done: bool, **kwargs) -> dict[str, Any]:
     from compress.pipeline import prune_run
 
-    report, reused = reuse_or_run(out, key, lambda: prune_run(out, resume="auto", **kwargs), marker="tokens.json")
+    def run() -> dict[str, Any]:
+        if only_done:
+            raise _NotRun(str(out))
+        return prune_run(out, resume="auto", **kwargs)
+
+    report, reused = reuse_or_run(out, key, run, marker="tokens.json")
     return {**report, "reused": reused}
 
 
@@ -90,7 +100,7 @@ def run_token_study(cfg: TokenStudyConfig) -> dict[str, Any]:
     cfg.check()
     work = Path(cfg.work)
     dense = read_report(cfg.source)
-    records, ratio = [], None
+    records, missing, ratio = [], [], None
     for arm in cfg.arms:
         for seed in cfg.both_seeds if arm.startswith("both") else cfg.seeds:
             kwargs = _arm_kwargs(cfg, arm, ratio)
@@ -98,15 +108,23 @@ def run_token_study(cfg: TokenStudyConfig) -> dict[str, Any]:
             key = {"from": cfg.source, "data": cfg.data, "subset": cfg.subset, "seed": seed,
                    "batch_size": cfg.batch_size, **{k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
                                                     for k, v in kwargs.items()}}
-            r = _prune(out, key, data=cfg.data, source=cfg.source, subset=cfg.subset, seed=seed,
-                       batch_size=cfg.batch_size, **kwargs)
+            try:
+                r = _prune(out, key, cfg.only_done, data=cfg.data, source=cfg.source, subset=cfg.subset, seed=seed,
+                           batch_size=cfg.batch_size, **kwargs)
+            except _NotRun:
+                missing.append(f"{arm} seed {seed}")
+                continue
             records.append(_record(arm, seed, out, r))
             click.echo(f"{arm:12s} seed {seed}: acc {r['accuracy']:.4f}  flops ratio {r['flops_ratio']:.3f}", err=True)
         if arm == "tokens":
+            if not records:
+                from compress.errors import CompressError
+
+                raise CompressError(f"--only-done: no tokens run under {work} was made with these settings")
             ratio = statistics.fmean(r["flops_ratio"] for r in records)
     result = {"config": asdict(cfg), "dense": {"run": cfg.source, "accuracy": records[0]["dense_accuracy"],
                                                "flops": dense["flops"], "params": dense["params"]},
-              "records": records, "summary": _summary(records, cfg.arms)}
+              "records": records, "summary": _summary(records, cfg.arms), "missing": missing}
     if cfg.bench:
         result["latency"] = latency_table(cfg.bench, cfg.source, records)
     work.mkdir(parents=True, exist_ok=True)
@@ -130,6 +148,8 @@ def _summary(records: list[dict], arms: tuple[str, ...]) -> list[dict]:
     out = []
     for arm in arms:
         rs = [r for r in records if r["arm"] == arm]
+        if not rs:
+            continue
         accs = [r["accuracy"] for r in rs]
         deltas = [r["accuracy"] - r["dense_accuracy"] for r in rs]
         out.append({"arm": arm, "n": len(rs), "accuracy": statistics.fmean(accs),
@@ -154,6 +174,8 @@ def latency_table(bench_json: str, dense_run: str, records: list[dict]) -> list[
                       and s["batch_size"] == res["batch_size"]), None)
         rows.append({"arm": arm, "target": res["target"], "backend": res["backend"], "batch_size": res["batch_size"],
                      "median_ms": res["median_ms"], "speedup": speed["speedup"] if speed else 1.0,
+                     "speedup_ci95": speed.get("speedup_ci95") if speed else None,
+                     "load_average_1m": bench["host"].get("load_average_1m"), "timing": res.get("timing"),
                      "fidelity": speed.get("fidelity") if speed else None,
                      "oversubscribed": res.get("oversubscribed")})
     return rows
@@ -188,19 +210,25 @@ def markdown(result: dict[str, Any]) -> str:
              f"channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs']} fine-tuning "
              "epochs" + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} "
                          f"fine-tuning + {c['both_token_epochs']} DynamicViT epochs" if both else "") + ".", "",
-             "| arm | accuracy (mean ± std) | Δ vs dense (mean / worst seed) | FLOPs ratio | params |",
-             "|---|---|---|---|---|",
-             f"| dense | {d['accuracy']:.4f} | – | 1.000 | {d['params'] / 1e6:.2f} M |"]
+             "| arm | seeds | accuracy (mean ± std) | Δ vs dense (mean / worst seed) | FLOPs ratio | params |",
+             "|---|---|---|---|---|---|",
+             f"| dense | – | {d['accuracy']:.4f} | – | 1.000 | {d['params'] / 1e6:.2f} M |"]
     for row in result["summary"]:
-        lines.append(f"| {row['arm']} | {row['accuracy']:.4f} ± {row['accuracy_std']:.4f} | "
+        lines.append(f"| {row['arm']} | {row['n']} | {row['accuracy']:.4f} ± {row['accuracy_std']:.4f} | "
                      f"{100 * row['delta']:+.2f} / {100 * row['worst_delta']:+.2f} pts | {row['flops_ratio']:.3f} | "
                      f"{row['params'] / 1e6:.2f} M |")
     if result.get("latency"):
-        lines += ["", "| arm | backend | batch | median ms | speedup | fidelity |", "|---|---|---|---|---|---|"]
+        first = result["latency"][0]
+        lines += ["", f"Latency (`compress bench`, one side-by-side run; {first['timing']}; machine load "
+                  f"{first['load_average_1m']} on 2 cores):", "",
+                  "| arm | backend | batch | median ms | speedup [95% CI] | fidelity |", "|---|---|---|---|---|---|"]
         for row in result["latency"]:
             fid = f"{row['fidelity']:.2f}" if row["fidelity"] else "–"
+            ci = f" [{row['speedup_ci95'][0]:.2f}, {row['speedup_ci95'][1]:.2f}]" if row.get("speedup_ci95") else ""
             lines.append(f"| {row['arm']} | {row['backend']} | {row['batch_size']} | {row['median_ms']:.3f} | "
-                         f"{row['speedup']:.2f}× | {fid} |")
+                         f"{row['speedup']:.2f}×{ci} | {fid} |")
+    if result.get("missing"):
+        lines += ["", f"Not run (`--only-done`: the study was stopped before them): {', '.join(result['missing'])}."]
     lines += ["", "![kept patches](tokens/patches.png)"]
     return "\n".join(lines)
 
@@ -223,6 +251,8 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--work", default=TokenStudyConfig.work, show_default=True)
 @click.option("--docs", default=TokenStudyConfig.docs, show_default=True)
 @click.option("--bench", type=click.Path(exists=True), help="a `compress bench --json` file of these runs")
+@click.option("--only-done", is_flag=True, help="train nothing: tables from the runs already made (e.g. after a "
+              "study stopped early), the missing ones listed")
 def main(seeds: str, both_seeds: str, arms: str, **kwargs) -> None:
     """DynamicViT token sparsification vs channel pruning (depgraph) vs both, at equal FLOPs."""
     from compress.errors import CompressError

@@ -3,6 +3,7 @@ reload, channel + token composition in both orders, export, one-line errors, tor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -99,6 +100,9 @@ def test_token_study_writes_its_table_picture_and_reuses_its_runs(study):
     assert (docs.parent / "tokens" / "patches.png").is_file()
     assert json.loads((docs.parent / "tokens" / "results.json").read_text())["records"][0]["arm"] == "tokens"
     assert all(r["reused"] for r in run_token_study(cfg)["records"])
+    partial = run_token_study(dataclasses.replace(cfg, seeds=(0, 1), only_done=True))    # trains nothing
+    assert partial["missing"] == ["tokens seed 1"] and all(r["reused"] for r in partial["records"])
+    assert "Not run (`--only-done`" in docs.read_text() and "| tokens | 1 |" in docs.read_text()
 
 
 @pytest.mark.parametrize("args, message", [
