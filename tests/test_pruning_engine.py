@@ -162,6 +162,18 @@ def test_the_guard_stops_memory_growth_with_a_one_line_error():
     hoard.clear()
 
 
+
+def test_the_guard_refuses_a_body_that_crossed_its_limit_before_the_first_poll():
+    """A fast machine must not turn a crossed limit into a pass: the limits are checked at the end too."""
+    from compress.pruning.guard import guarded
+
+    with pytest.raises(CompressError, match=r"^a quick body was stopped: it ran longer than 0 s"), \
+            guarded("a quick body", max_seconds=0):
+        pass
+    with guarded("a quick body", max_seconds=60):
+        pass
+
+
 # ------------------------------------------------------------------ gates
 
 def test_soft_gates_are_differentiable_and_removable(resnet20):

@@ -47,7 +47,11 @@ def resident_gb() -> float:
 
 @contextmanager
 def guarded(what: str, max_memory_gb: float | None = None, max_seconds: float | None = None) -> Iterator[None]:
-    """Run the body under the watchdog; a crossed limit becomes a one-line CompressError about `what`."""
+    """Run the body under the watchdog; a crossed limit becomes a one-line CompressError about `what`.
+
+    The limits are checked on every poll and once more when the body ends, so a body that crossed a
+    limit between two polls (or finished before the first) is refused all the same: the outcome does
+    not depend on how fast the machine happened to be."""
     max_memory_gb = _limit("COMPRESS_ANALYSIS_MAX_GB", MAX_MEMORY_GB) if max_memory_gb is None else max_memory_gb
     max_seconds = _limit("COMPRESS_ANALYSIS_MAX_S", MAX_SECONDS) if max_seconds is None else max_seconds
     target = threading.get_ident()
@@ -55,14 +59,16 @@ def guarded(what: str, max_memory_gb: float | None = None, max_seconds: float | 
     lock, state = threading.Lock(), {"active": True, "fired": None}
     stop = threading.Event()
 
+    def crossed() -> str | None:
+        if resident_gb() - start_gb > max_memory_gb:
+            return f"it needed more than {max_memory_gb:g} GiB of memory ({resident_gb():.1f} GiB resident)"
+        if time.perf_counter() - started > max_seconds:
+            return f"it ran longer than {max_seconds:g} s"
+        return None
+
     def watch() -> None:
         while not stop.wait(POLL_S):
-            grown, elapsed = resident_gb() - start_gb, time.perf_counter() - started
-            reason = None
-            if grown > max_memory_gb:
-                reason = f"it needed more than {max_memory_gb:g} GiB of memory ({resident_gb():.1f} GiB resident)"
-            elif elapsed > max_seconds:
-                reason = f"it ran longer than {max_seconds:g} s"
+            reason = crossed()
             with lock:
                 if reason and state["active"]:
                     state["fired"] = state["fired"] or reason
@@ -72,6 +78,10 @@ def guarded(what: str, max_memory_gb: float | None = None, max_seconds: float | 
     thread.start()
     try:
         yield
+        with lock:
+            state["fired"] = state["fired"] or crossed()
+        if state["fired"]:
+            raise AnalysisAborted
     except AnalysisAborted:
         raise CompressError(f"{what} was stopped: {state['fired']} (limits: COMPRESS_ANALYSIS_MAX_GB, "
                             "COMPRESS_ANALYSIS_MAX_S)") from None
