@@ -103,7 +103,7 @@ def train_once(folder: Path, model: str, size: int, workers: int, batch_size: in
 
 def loader_once(folder: Path, size: int, workers: int, batch_size: int) -> dict:
     """One shuffled, augmented epoch of the training split through the stages' loader alone, in a fresh process."""
-    code = ("import sys, time; from compress.data import load_data; from compress.batches import batches; "
+    code = ("import time; from compress.data import load_data; from compress.batches import batches; "
             "from compress.runtime import Runtime; "
             f"d = load_data('imagefolder:{folder}', image_size={size}); rt = Runtime(workers={workers}); "
             f"next(iter(batches(d.train, {batch_size}, rt=rt, limit=1))); t = time.perf_counter(); "
