@@ -86,13 +86,13 @@ def _watch(cmd: list[str], what: str) -> tuple[str, int, int]:
     return out, peak_pss, peak_rss
 
 
-def train_once(folder: Path, model: str, size: int, workers: int, batch_size: int) -> dict:
+def train_once(folder: Path, model: str, size: int, workers: int, batch_size: int, device: str = "cpu") -> dict:
     """One epoch of `compress train` in a fresh process; its epoch time, throughput and peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "compress", "train", "--model", model, "--data", f"imagefolder:{folder}",
                "--image-size", str(size), "--epochs", "1", "--batch-size", str(batch_size), "--workers", str(workers),
-               "--device", "cpu", "--out", str(out)]
+               "--device", device, "--out", str(out)]
         _, pss, rss = _watch(cmd, f"compress train (workers {workers})")
         report = json.loads((out / "report.json").read_text())
     epoch = report["history"][0]
@@ -133,10 +133,13 @@ def _table(title: str, rows: list[dict]) -> None:
 @click.option("--workers", "workers_list", default="0,2", show_default=True, help="Comma list of --workers values.")
 @click.option("--model", default="mobilenet_v3_small", show_default=True, help="Model to train one epoch.")
 @click.option("--batch-size", default=128, show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the model trains (cpu, cuda, cuda:N). Off the CPU, decoding is what limits the epoch, "
+                   "which is where loader processes pay.")
 @click.option("--dir", "folder", default=str(Path(tempfile.gettempdir()) / "compress-streaming"), show_default=True,
               type=click.Path(), help="Where the image folder is generated (reused when complete).")
 @click.option("--json", "json_path", type=click.Path(), help="Record the figures here.")
-def main(images: int, size: int, workers_list: str, model: str, batch_size: int, folder: str,
+def main(images: int, size: int, workers_list: str, model: str, batch_size: int, device: str, folder: str,
          json_path: str | None) -> None:
     """One training epoch and one loader-only epoch over a generated JPEG folder per --workers setting."""
     root = Path(folder)
@@ -147,14 +150,15 @@ def main(images: int, size: int, workers_list: str, model: str, batch_size: int,
     rows, loader_rows = [], []
     for w in (int(v) for v in workers_list.split(",")):
         click.echo(f"one training epoch and one loader-only epoch with --workers {w} ...", err=True)
-        rows.append(train_once(root, model, size, w, batch_size))
+        rows.append(train_once(root, model, size, w, batch_size, device))
         loader_rows.append(loader_once(root, size, w, batch_size))
-    _table(f"training ({model}, batch {batch_size})", rows)
+    _table(f"training ({model}, batch {batch_size}, {device})", rows)
     _table("loader alone (decode, augment, batch; no model)", loader_rows)
     if json_path:
         from compress.files import write_atomic
 
-        record = {"images": images, "size": size, "model": model, "batch_size": batch_size, "cpus": os.cpu_count(),
+        record = {"images": images, "size": size, "model": model, "batch_size": batch_size, "device": device,
+                  "cpus": os.cpu_count(),
                   "loadavg": list(os.getloadavg()),
                   "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
                   "rows": rows, "loader_rows": loader_rows}
