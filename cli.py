@@ -196,6 +196,8 @@ def _sparse_flags(fn):
 @click.option("--latency-batch-size", type=int, help="Batch size of the latency target  [default: 1]")
 @click.option("--latency-clock", type=click.Choice(["wall", "cpu"]), help="How CPU latency is timed (cpu: the "
               "calling thread's CPU time, one thread only; immune to other processes)  [default: wall]")
+@click.option("--latency-precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Precision the target runs "
+              "the network at (fp16/bf16: torch-cuda only)  [default: fp32]")
 @click.option("--latency-cache", type=click.Path(), help="Latency table cache  [default: as compress latency-table]")
 @click.option("--allocation", type=click.Choice(["rank", "knapsack"]), help="How widths are allocated: rank (remove "
               "the globally least important units) or knapsack (the most important compute within the budget)  "

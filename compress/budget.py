@@ -40,6 +40,7 @@ class Budget:
     threads: int | None = None      # None: the machine's physical cores
     batch_size: int = 1
     clock: str = "wall"
+    precision: str = "fp32"         # the target's arithmetic (fp16/bf16: torch-cuda only)
     points: int = 6                 # table widths per axis
     cache_dir: str | None = None
 
@@ -82,7 +83,8 @@ class Budget:
         if len(names) != 1:
             raise CompressError(f"--latency-backend takes one backend, got {self.backend!r}")
         threads = self.threads or (1 if self.clock == "cpu" else physical_cores())
-        target = TableTarget(backend=names[0], threads=threads, batch_size=self.batch_size, clock=self.clock)
+        target = TableTarget(backend=names[0], threads=threads, batch_size=self.batch_size, clock=self.clock,
+                             precision=self.precision)
         check_backend(target)
         return target
 

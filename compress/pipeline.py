@@ -55,7 +55,8 @@ BN_RECALIBRATION_IMAGES = BN_IMAGES
 def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | None = None,
               latency_ratio: float | None = None, latency_backend: str | None = None,
               latency_threads: int | None = None, latency_batch_size: int | None = None,
-              latency_clock: str | None = None, latency_cache: str | None = None, allocation: str | None = None,
+              latency_clock: str | None = None, latency_precision: str | None = None,
+              latency_cache: str | None = None, allocation: str | None = None,
               source: str | Path | None = None, model: str | None = None, checkpoint: str | None = None,
               weights: str | None = None, image_size: int | None = None, scope: str = "global", round_to: int = 8,
               finetune_epochs: int = 5, seed: int = 0, lr: float = 0.05, batch_size: int = 128,
@@ -64,7 +65,7 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
               tokens: TokenOptions | None = None, sparse_train_epochs: int = 0, sparse_reg: str | None = None,
               sparse_lambda: float | None = None, sparse_alpha: float = 4.0) -> dict[str, Any]:
     """Prune a trained run (`source`) or a model (`model` [+ checkpoint/weights]) to `flops_ratio`, or to
-    `latency_ratio` measured on `latency_backend` (threads, batch size, clock), and write run `out`.
+    `latency_ratio` measured on `latency_backend` (threads, batch size, clock, precision), and write run `out`.
     `allocation` is "rank" or "knapsack" (default: rank for a FLOPs target, knapsack for latency).
 
     Neither ratio (only with token sparsification): no channel is pruned. `sparse_*`: sparse training
@@ -78,7 +79,8 @@ def prune_run(out: str | Path, *, data: str, method: str, flops_ratio: float | N
     budget = None
     if method_cls.prunes_channels:
         budget = Budget.from_flags(flops_ratio, latency_ratio, backend=latency_backend, threads=latency_threads,
-                                   batch_size=latency_batch_size, clock=latency_clock, cache_dir=latency_cache)
+                                   batch_size=latency_batch_size, clock=latency_clock, precision=latency_precision,
+                                   cache_dir=latency_cache)
     allocation = allocation or (budget.allocation if budget else "rank")
     _check_inputs(out, source, model, budget, scope, round_to, finetune_epochs, lr, batch_size, allocation)
     options = dict(method_options or {})
@@ -444,7 +446,8 @@ def _latency_report(meter: Meter, module: DeployableModule, predicted: float) ->
     return {"latency_ratio_target": budget.ratio, "latency_ratio": round(measured["latency_ratio"], 6),
             "latency_ratio_predicted": round(predicted, 6), "latency_backend": target.backend,
             "latency_threads": target.threads, "latency_batch_size": target.batch_size,
-            "latency_clock": target.clock, "latency_ms": round(measured["latency_ms"], 4),
+            "latency_clock": target.clock, "latency_precision": target.precision,
+            "latency_ms": round(measured["latency_ms"], 4),
             "latency_dense_ms": round(measured["latency_dense_ms"], 4), "latency_table": meter.build}
 
 

@@ -75,6 +75,8 @@ def test_bench_shows_the_latency_target_error(cache, tmp_path):
     (["--latency-ratio", "1.5"], r"--latency-ratio must be in \(0, 1\]"),
     (["--latency-ratio", "0.5", "--latency-backend", "tvm"], "unknown backend 'tvm'"),
     (["--latency-ratio", "0.5", "--latency-threads", "2", "--latency-clock", "cpu"], "needs --threads 1"),
+    (["--latency-ratio", "0.5", "--latency-precision", "bf16"], "at bf16 are measured on torch-cuda only"),
+    (["--flops-ratio", "0.5", "--latency-precision", "bf16"], "--latency-precision goes with --latency-ratio"),
     (["--latency-ratio", "0.5", "--scope", "local", "--allocation", "knapsack"], "needs --scope global"),
 ])
 def test_bad_latency_targets_are_one_line(args, message, tmp_path):
