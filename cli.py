@@ -362,6 +362,8 @@ def export_cmd(run_dir: str, **kwargs) -> None:
 @click.option("--docs", type=click.Path(), help="Where <name>.md, .json and .png are written.")
 @click.option("--name", help="File name of the results (results, results-pretrained, …).")
 @click.option("--no-latency", is_flag=True, help="Skip the ONNX Runtime latency measurement.")
+@click.option("--only-done", is_flag=True, help="Train nothing: write the results from the runs already made and "
+              "list the cells that are not (e.g. after several `compress study --methods …` processes shared --work).")
 @click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
 @runtime_options
 @handle_errors
@@ -385,7 +387,8 @@ def study(**kw) -> None:
                     ratios=listed("ratios"), seeds=listed("seeds", int),
                     methods=tuple(m for m in kw["methods"].split(",") if m.strip()) if kw["methods"] else None,
                     scope=kw["scope"], round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], name=kw["name"],
-                    latency=False if kw["no_latency"] else None, fresh=kw["fresh"] or None)
+                    latency=False if kw["no_latency"] else None, fresh=kw["fresh"] or None,
+                    only_done=kw["only_done"] or None)
     results = run_study(config)
     if current().is_main:
         click.echo(f"wrote {config.docs}/{config.name}.md, .json and .png "

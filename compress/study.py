@@ -65,6 +65,7 @@ class StudyConfig:
     latency: bool = True
     latency_s: float = 0.5              # measured seconds per model (interleaved, thread CPU time)
     fresh: bool = False
+    only_done: bool = False             # train nothing: report the runs already made, list the others
     name: str = "results"               # docs/<name>.md, .json, .png
     title: str = "Results: structured pruning on Fashion-MNIST"
 
@@ -179,12 +180,20 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     started, cpu_started, load_start = time.perf_counter(), time.process_time(), _loadavg()
 
     dense_dir = work / "dense"
-    dense = _dense_parent(config, dense_dir)
+    try:
+        dense = _dense_parent(config, dense_dir)
+    except NotRun:
+        raise CompressError(f"--only-done: no dense parent under {dense_dir} was made with these settings") from None
     jobs = [(s, r, seed) for s in present for r in config.ratios for seed in config.seeds]
-    records = []
+    records, not_run = [], []
     for i, (spec, ratio, seed) in enumerate(jobs, 1):
         console.rule(f"[bold]study {i}/{len(jobs)}: {spec.label} · flops ratio {ratio:g} · seed {seed}")
-        records.append(_prune(config, spec, ratio, seed, dense_dir, work))
+        try:
+            records.append(_prune(config, spec, ratio, seed, dense_dir, work))
+        except NotRun:
+            not_run.append(f"{spec.label} @ {ratio:g} seed {seed}")
+            console.print("  not run (--only-done)")
+            continue
         r = records[-1]
         took = "reused" if r["reused"] else f"{r['wall_time_s']:.0f} s"
         console.print(f"  acc {r['accuracy']:.4f} (before fine-tune {r['accuracy_before_finetune']:.4f})  "
@@ -199,10 +208,10 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         r["latency_ms"] = latency.get(r["run"])
 
     results = {
-        "config": asdict(config), "dense": dense, "records": records, "missing": missing,
+        "config": asdict(config), "dense": dense, "records": records, "missing": missing, "not_run": not_run,
         "summary": summarize(records, specs, config.ratios, dense),
         "host": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                 "cpus": os.cpu_count(), "torch_threads": _torch_threads(),
+                 "cpus": os.cpu_count(), "torch_threads": _torch_threads(), "device": _device_name(rt),
                  "loadavg_start": load_start, "loadavg_end": _loadavg()},
         "study_wall_s": round(time.perf_counter() - started, 1),
         "study_cpu_s": round(time.process_time() - cpu_started, 1),
@@ -226,7 +235,7 @@ def _dense_parent(config: StudyConfig, out: Path) -> dict[str, Any]:
                          batch_size=config.batch_size, seed=0, subset=config.subset, weights=config.weights,
                          image_size=config.image_size, resume="auto")
 
-    report, reused = reuse_or_run(out, key, train, fresh=config.fresh)
+    report, reused = reuse_or_run(out, key, train, fresh=config.fresh, only_done=config.only_done)
     if reused:
         console.print(f"dense parent reused from {out} (accuracy {report['accuracy']:.4f})")
     return {"run": str(out), "accuracy": report["accuracy"], "flops": report["flops"], "params": report["params"],
@@ -246,7 +255,7 @@ def _prune(config: StudyConfig, spec: MethodSpec, ratio: float, seed: int, dense
         out, data=config.data, method=spec.name, flops_ratio=ratio, source=dense_dir, scope=config.scope,
         round_to=config.round_to, finetune_epochs=config.finetune_epochs, seed=seed, lr=config.finetune_lr,
         batch_size=config.batch_size, subset=config.subset, method_options=spec.options, resume="auto",
-        **spec.stage), fresh=config.fresh)
+        **spec.stage), fresh=config.fresh, only_done=config.only_done)
     stages = report.get("stages_s", {})
     search_s = stages.get("search")
     if search_s is not None and "sparse_train" in stages:
@@ -297,16 +306,24 @@ def _measure_latency(config: StudyConfig, dense_dir: Path, records: list[dict]) 
     return {by_label[r.target]: round(r.summary.median_ms, 4) for r in run.results}
 
 
+class NotRun(Exception):
+    """A run `--only-done` leaves out: it was not made (or not with these settings)."""
+
+
 def reuse_or_run(out: Path, key: dict[str, Any], run: Callable[[], dict[str, Any]], *, fresh: bool = False,
-                 marker: str = KEY_FILE) -> tuple[dict[str, Any], bool]:
+                 marker: str = KEY_FILE, only_done: bool = False) -> tuple[dict[str, Any], bool]:
     """`out`'s report if it is a run made with the same `key` (recorded in `out/marker`), else `run()`'s,
     its key recorded: a repeated study redoes only what changed (an interrupted run resumes from its
-    checkpoint when `run` passes resume="auto"). Returns (report, reused). Only rank 0 writes."""
+    checkpoint when `run` passes resume="auto"). Returns (report, reused). Only rank 0 writes.
+    `only_done`: raise NotRun instead of running (a report of what several partial runs, or processes
+    that ran the cells side by side, have made)."""
     from compress.runs import is_run, read_report
     from compress.runtime import current
 
     if not fresh and is_run(out) and _read_key(out, marker) == key:
         return read_report(out), True
+    if only_done:
+        raise NotRun(str(out))
     report = run()
     if current().is_main:
         (out / marker).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
@@ -326,6 +343,15 @@ def _loadavg() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def _device_name(rt) -> str:
+    """Where the training ran, for the results page (a GPU's name, not only "cuda:0")."""
+    import torch
+
+    if rt.device.type == "cuda":
+        return f"{rt.device} ({torch.cuda.get_device_name(rt.device)})"
+    return str(rt.device)
 
 
 def _torch_threads() -> int:
@@ -371,5 +397,5 @@ def parse_list(text: str, kind=float) -> tuple:
         raise CompressError(f"expected a comma list of {kind.__name__} values, got {text!r}") from None
 
 
-__all__ = ["DEFAULT_METHODS", "PRESETS", "PRETRAINED_METHODS", "MethodSpec", "StudyConfig", "parse_list",
+__all__ = ["DEFAULT_METHODS", "PRESETS", "PRETRAINED_METHODS", "MethodSpec", "NotRun", "StudyConfig", "parse_list",
            "parse_method", "preset", "run_study", "search_epoch_seconds", "summarize", "write_results"]

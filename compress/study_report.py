@@ -75,11 +75,14 @@ def markdown_table(results: dict[str, Any], plot_name: str) -> str:
         "",
         f"Study wall time {results['study_wall_s']:.0f} s ({results['runs_done']} runs done, "
         f"{results['runs_reused']} reused), process CPU time {results['study_cpu_s']:.0f} s; "
-        f"{host['cpus']} CPUs, {host['torch_threads']} torch threads, load average {load[0]} at start and "
+        f"{host['cpus']} CPUs, {host['torch_threads']} torch threads, "
+        + (f"training on {host['device']}, " if host.get("device") else "") + f"load average {load[0]} at start and "
         f"{load[1]} at the end (a load above the CPU count inflates the wall times).",
     ]
     if results["missing"]:
         lines.append(f"Missing (not registered when the study ran): {', '.join(results['missing'])}.")
+    if results.get("not_run"):
+        lines.append(f"Not run (`--only-done`; these cells were not made): {', '.join(results['not_run'])}.")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -46,6 +47,14 @@ def test_study_reports_missing_methods_reuses_runs_and_keeps_the_analysis(tmp_pa
     assert second["runs_reused"] == 1 and second["runs_done"] == 0
     assert "Our analysis." in (docs / "results.md").read_text()
     assert json.loads((docs / "results.json").read_text())["records"][0]["reused"] is True
+
+    # --only-done trains nothing: a second seed is listed as not run, the made cell is reported
+    partial = run_study(replace(config, seeds=(0, 1), only_done=True))
+    assert partial["runs_done"] == 0 and partial["not_run"] == ["l1 @ 0.5 seed 1"]
+    assert not (tmp_path / "work" / "l1" / "r0.5" / "s1").exists()
+    assert "Not run (`--only-done`; these cells were not made): l1 @ 0.5 seed 1." in (docs / "results.md").read_text()
+    with pytest.raises(CompressError, match="--only-done: no dense parent"):
+        run_study(replace(config, dense_epochs=2, only_done=True))
 
 
 def test_presets_name_whole_studies_and_flags_override_them():
