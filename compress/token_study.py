@@ -245,11 +245,14 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--bench", type=click.Path(exists=True), help="a `compress bench --json` file of these runs")
 @click.option("--only-done", is_flag=True, help="train nothing: tables from the runs already made (e.g. after a "
               "study stopped early), the missing ones listed")
-def main(seeds: str, both_seeds: str, arms: str, **kwargs) -> None:
+@click.option("--device", default="cpu", show_default=True, help="where every run trains: cpu | cuda | cuda:N | auto")
+def main(seeds: str, both_seeds: str, arms: str, device: str, **kwargs) -> None:
     """DynamicViT token sparsification vs channel pruning (depgraph) vs both, at equal FLOPs."""
     from compress.errors import CompressError
+    from compress.runtime import configure
 
     try:
+        configure(device=device)
         cfg = TokenStudyConfig(seeds=_ints(seeds), both_seeds=_ints(both_seeds), arms=tuple(arms.split(",")),
                                **kwargs)
         result = run_token_study(cfg)
