@@ -3,7 +3,8 @@
 Property-based over masks (hypothesis), one architecture family per case: residual adds, concat,
 depthwise and grouped convolutions, SE blocks, LayerNorm-excluded residual streams and attention
 heads, channel shuffles (a toy net whose shuffled channels stay prunable, and ShuffleNetV2, whose
-shuffles tie whole stage streams), a shifted-window transformer and timm models (DeiT's heads through
+shuffles tie whole stage streams), shifted-window transformers (torchvision Swin V1/V2: heads with
+their bias tables, logit scales and bias MLPs) and timm models (DeiT's heads through
 its split attention, EfficientNet's BatchNormAct2d). Weights and BN statistics are randomised so that every channel
 matters.
 """
@@ -22,8 +23,8 @@ from compress.models import create_model
 from compress.pruning import Gates, find_groups, group_l2_scores, l1_scores, slim
 
 SMALL = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
-         "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny", "timm:deit_tiny_patch16_224",
-         "timm:efficientnet_b0"]
+         "efficientnet_lite0", "shuffle-toy", "shufflenet_v2_x0_5", "swin-tiny", "swin-v2-tiny",
+         "timm:deit_tiny_patch16_224", "timm:efficientnet_b0"]
 LARGE = ["resnet50", "vgg16_bn", "densenet121", "convnext_tiny", "vit_b_16"]   # one example each: time budget
 SIZE = 32
 
@@ -64,20 +65,36 @@ class ShuffleToy(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-def tiny_swin() -> nn.Module:
-    """A two-stage shifted-window transformer: its relative-position-bias tables make Torch-Pruning's
-    index propagation run away (guard.py), which find_groups must survive."""
-    from torchvision.models.swin_transformer import SwinTransformer
+def tiny_swin(v2: bool = False) -> nn.Module:
+    """A two-stage shifted-window transformer (torchvision Swin V1 or V2; the first stage's second block
+    shifts its windows): its heads prune with their bias tables (split window attention)."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=10).eval()
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10, **kw).eval()
+
+
+def unsplit_swin() -> nn.Module:
+    """tiny V1 Swin whose attention stays torchvision's fused functional one (a subclass that split_attention
+    does not convert): Torch-Pruning reads its bias tables' head dim through a view as a flatten of the
+    residual stream, and the index propagation runs away (guard.py), which find_groups must survive."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    class Fused(ShiftedWindowAttention):
+        pass
+
+    net = tiny_swin()
+    for block in (*net.features[1], *net.features[3]):
+        block.attn.__class__ = Fused
+    return net
 
 
 def _build(name: str) -> nn.Module:
     if name == "shuffle-toy":
         return ShuffleToy().eval()
-    if name == "swin-tiny":
-        return tiny_swin()
+    if name in ("swin-tiny", "swin-v2-tiny"):
+        return tiny_swin(v2=name == "swin-v2-tiny")
     # Published stems (adapt=None): the small-input stem adaptation does not change grouping, only cost.
     return create_model(name, 10, SIZE, adapt=None).eval()
 
@@ -153,8 +170,8 @@ def test_a_runaway_channel_mapping_excludes_its_group_and_stays_small():
     from compress.pruning.guard import resident_gb
 
     before = resident_gb()
-    groups = find_groups(tiny_swin(), torch.rand(1, 3, SIZE, SIZE))
+    groups = find_groups(unsplit_swin(), torch.rand(1, 3, SIZE, SIZE))
     excluded = dict(groups[0].graph.excluded)
     assert "does not converge" in excluded["features.2.reduction"]
-    assert [g.id for g in groups] == ["features.1.0.mlp.0", "features.3.0.mlp.0"]   # the MLP hidden dims
+    assert {g.kind for g in groups} == {"channels"} and all(".mlp.0" in g.id for g in groups)   # MLP hidden dims
     assert resident_gb() - before < 1.0

@@ -9,6 +9,10 @@ explicit matmuls so that fvcore counts its FLOPs and ONNX export needs no specia
 
 timm's ViT-family `Attention` (one fused qkv Linear, scaled_dot_product_attention) hides its heads
 the same way; `SplitSelfAttention` is its split equivalent (called with one input, like timm's).
+torchvision's Swin `ShiftedWindowAttention(V2)` runs a functional `shifted_window_attention` that
+derives the head size from the residual width (C // num_heads), so a head cannot be removed at all;
+`SplitWindowAttention(V2)` (window_attention.py) is its split equivalent, its per-head tensors (the
+relative-position-bias table, V2's logit scale and bias MLP output) pruned with the heads.
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ class SplitAttention(nn.Module):
     def num_heads(self) -> int:
         return self.q.out_features // self.head_dim
 
+    def heads(self, query: torch.Tensor, key: torch.Tensor | None = None,
+              value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projected and split into heads, [batch, heads, tokens, head_dim] (self-attention when
+        `key` and `value` are left out)."""
+        key = query if key is None else key
+        value = query if value is None else value
+        return tuple(lin(t).view(t.shape[0], t.shape[1], -1, self.head_dim).transpose(1, 2)
+                     for lin, t in ((self.q, query), (self.k, key), (self.v, value)))
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None, **_):
         if attn_mask is not None or key_padding_mask is not None or need_weights:
@@ -48,9 +61,7 @@ class SplitAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, n, _ = query.shape
-        q = self.q(query).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = self.k(key).view(b, key.shape[1], -1, self.head_dim).transpose(1, 2)
-        v = self.v(value).view(b, value.shape[1], -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.heads(query, key, value)
         attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
         if self.dropout and self.training:
             attn = F.dropout(attn, self.dropout)
@@ -68,15 +79,21 @@ class SplitAttention(nn.Module):
         e = mha.embed_dim
         new = cls(e, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
                   dropout=mha.dropout, batch_first=mha.batch_first)
-        with torch.no_grad():
-            for i, lin in enumerate((new.q, new.k, new.v)):
-                lin.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
-                if lin.bias is not None:
-                    lin.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
-            new.out_proj.weight.copy_(mha.out_proj.weight)
-            if new.out_proj.bias is not None:
-                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.load_fused(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj)
         return new.train(mha.training)
+
+    def load_fused(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj: nn.Linear) -> None:
+        """Take the weights of a fused [q; k; v] input projection and of the output projection `proj`
+        (a split projection without a bias leaves that part of `qkv_bias` out)."""
+        inner = self.q.out_features
+        with torch.no_grad():
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.copy_(qkv_weight[i * inner:(i + 1) * inner])
+                if lin.bias is not None:
+                    lin.bias.copy_(qkv_bias[i * inner:(i + 1) * inner])
+            self.out_proj.weight.copy_(proj.weight)
+            if self.out_proj.bias is not None:
+                self.out_proj.bias.copy_(proj.bias)
 
 
 class SplitSelfAttention(SplitAttention):
@@ -98,23 +115,18 @@ class SplitSelfAttention(SplitAttention):
                  and not attn.proj_drop.p and abs(attn.scale * math.sqrt(attn.head_dim) - 1) < 1e-6)
         if not plain:
             return None
-        e, inner = attn.qkv.in_features, attn.num_heads * attn.head_dim
-        new = cls(e, attn.num_heads, attn.head_dim, bias=attn.qkv.bias is not None, dropout=attn.attn_drop.p,
-                  out_bias=attn.proj.bias is not None)
-        with torch.no_grad():
-            for i, lin in enumerate((new.q, new.k, new.v)):
-                lin.weight.copy_(attn.qkv.weight[i * inner:(i + 1) * inner])
-                if lin.bias is not None:
-                    lin.bias.copy_(attn.qkv.bias[i * inner:(i + 1) * inner])
-            new.out_proj.weight.copy_(attn.proj.weight)
-            if new.out_proj.bias is not None:
-                new.out_proj.bias.copy_(attn.proj.bias)
+        new = cls(attn.qkv.in_features, attn.num_heads, attn.head_dim, bias=attn.qkv.bias is not None,
+                  dropout=attn.attn_drop.p, out_bias=attn.proj.bias is not None)
+        new.load_fused(attn.qkv.weight, attn.qkv.bias, attn.proj)
         return new.train(attn.training)
 
 
 def split_attention(net: nn.Module) -> list[str]:
-    """Replace every `nn.MultiheadAttention` in `net` by an equivalent `SplitAttention`, and every plain
-    timm `Attention` by a `SplitSelfAttention`, in place. Returns the names of the replaced modules."""
+    """Replace every `nn.MultiheadAttention` in `net` by an equivalent `SplitAttention`, every plain
+    timm `Attention` by a `SplitSelfAttention` and every torchvision `ShiftedWindowAttention(V2)` by a
+    `SplitWindowAttention(V2)`, in place. Returns the names of the replaced modules."""
+    from compress.pruning.window_attention import split_window_attention
+
     replaced = []
     for name, mod in list(net.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
@@ -122,7 +134,7 @@ def split_attention(net: nn.Module) -> list[str]:
         elif type(mod).__name__ == "Attention" and type(mod).__module__.startswith("timm."):
             new = SplitSelfAttention.from_timm(mod)
         else:
-            continue
+            new = split_window_attention(mod)
         if new is None:
             continue
         parent_name, _, child = name.rpartition(".")

@@ -45,7 +45,7 @@ CHANNEL_SAFE_OPS = {
     "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0", "NegBackward0", "CloneBackward0",
     "ReluBackward0", "HardtanhBackward0", "SigmoidBackward0", "HardsigmoidBackward0", "HardswishBackward0",
     "SiluBackward0", "GeluBackward0", "TanhBackward0", "LeakyReluBackward0", "EluBackward0", "MishBackward0",
-    "ClampBackward1", "ClampMinBackward0", "PreluKernelBackward0",
+    "ExpBackward0", "ClampBackward1", "ClampMinBackward0", "PreluKernelBackward0",
     "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
     "AdaptiveMaxPool2DBackward0", "MeanBackward1", "SumBackward1", "UpsampleNearest2DBackward0",
     "UpsampleBilinear2DBackward0", "CatBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -54,8 +54,10 @@ CHANNEL_SAFE_OPS = {
     "AsStridedBackward1", "AddmmBackward0", "MmBackward0", "DropoutBackward0", "NativeDropoutBackward0",
     "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
 }
-# Ops allowed only inside attention-head groups, where whole heads are removed.
-HEAD_SAFE_OPS = {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0"}
+# Ops allowed only inside attention-head groups, where whole heads are removed: attention matmuls and
+# softmax, norms over head_dim (cosine attention), the gather of a position-bias table's rows.
+HEAD_SAFE_OPS = {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LinalgVectorNormBackward0",
+                 "IndexBackward0"}
 # Reductions over these dims of an NCHW tensor would mix channels.
 _REDUCTIONS = {"MeanBackward1", "SumBackward1"}
 # Constant padding keeps channels separate when it pads only H and W (4 amounts; e.g. TF "SAME" padding).
@@ -232,7 +234,7 @@ def _why_not(graph: GroupGraph, raw: _Raw, ops) -> str | None:
     head_dim = _head_dim(graph.net, raw.layers)
     tiles = {mod.groups for name, mod, *_ in raw.layers if kinds[name] == "gconv"}
     if head_dim is not None:
-        if not identity or raw.channels % head_dim:
+        if not _head_aligned(raw.layers, head_dim) or raw.channels % head_dim:
             return "attention projections are not aligned with whole heads"
         raw.kind = "heads"
     elif tiles:
@@ -331,15 +333,20 @@ def _group(graph: GroupGraph, raws: list[_Raw], offsets: list[int], units: _Unio
     def unit_of(i: int, root_idxs: list[int]) -> torch.Tensor:
         return torch.tensor([unit_id[units.find(offsets[i] + c)] for c in root_idxs], dtype=torch.long)
 
+    def channels(i: int, idxs: list[int], root_idxs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channel, unit) of each channel, once: a per-head tensor is reached from every channel of its head."""
+        pairs = dict.fromkeys(zip(idxs, unit_of(i, root_idxs).tolist(), strict=True))
+        return (torch.tensor([c for c, _u in pairs], dtype=torch.long),
+                torch.tensor([u for _c, u in pairs], dtype=torch.long))
+
     items, actions = [], []
     for i in ranked:
         raw = raws[i]
         for name, _mod, side, idxs, root_idxs in raw.layers:
             if idxs:
-                items.append(Member(name=name, side=side, layer=raw.kinds[name], idx=torch.tensor(idxs),
-                                    unit=unit_of(i, root_idxs), units=width))
-        actions += [(dep, torch.tensor(idxs, dtype=torch.long), unit_of(i, root_idxs))
-                    for dep, idxs, root_idxs in raw.actions if idxs]
+                idx, unit = channels(i, idxs, root_idxs)
+                items.append(Member(name=name, side=side, layer=raw.kinds[name], idx=idx, unit=unit, units=width))
+        actions += [(dep, *channels(i, idxs, root_idxs)) for dep, idxs, root_idxs in raw.actions if idxs]
     head = raws[primary]
     kind = "tied" if tied or len(raws) > 1 else head.kind
     unit_channels = head.channels // width if head.channels % width == 0 and kind != "tied" else 1
@@ -381,6 +388,15 @@ def _head_dim(net: nn.Module, raw) -> int | None:
         if isinstance(owner, SplitAttention) and child in ("q", "k", "v") and side == "out":
             return owner.head_dim
     return None
+
+
+def _head_aligned(layers, head_dim: int) -> bool:
+    """Every member of a head group maps each root channel into that channel's head: a projection to
+    a channel of the same head, a per-head tensor (layout.map_head_tensors) to the head's number.
+    Only whole heads are removed, so where inside its head a channel lands does not matter."""
+    return all(all(i // head_dim == r // head_dim for i, r in zip(idxs, roots, strict=True))
+               or all(i == r // head_dim for i, r in zip(idxs, roots, strict=True))
+               for _name, _mod, _side, idxs, roots in layers)
 
 
 def _unsafe_op(ops, is_heads: bool, unsafe: dict) -> str | None:

@@ -95,6 +95,60 @@ def mark_shuffles(dg) -> list[Tie]:
     return ties
 
 
+class _HeadChannels:
+    """Torch-Pruning index mapping between a per-head tensor (index = head) and the channels of the
+    q/k/v projections (index = head · head_dim + offset).
+
+    Towards the head tensor, channel c becomes head c // head_dim; back, head h becomes the channel at
+    the offset of its root channel (h · head_dim + root mod head_dim). Every channel of a head group
+    is a root, so each channel is reached from its own root and a round trip through the head
+    tensor maps indices onto themselves: Torch-Pruning sees nothing new and stops there (a flatten
+    mapping would return every channel of the head once per root, head_dim-fold more indices)."""
+
+    def __init__(self, head_dim: int, to_head: bool):
+        self.head_dim = head_dim
+        self.to_head = to_head
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        hd = self.head_dim
+        if self.to_head:
+            return list(dict.fromkeys(_helpers._HybridIndex(idx=i.idx // hd, root_idx=i.root_idx) for i in idxs))
+        return [_helpers._HybridIndex(idx=i.idx * hd + i.root_idx % hd, root_idx=i.root_idx) for i in idxs]
+
+
+def map_head_tensors(dg, net) -> None:
+    """Map the per-head tensors of split attention modules (e.g. a relative-position-bias table,
+    [positions, heads]) into their heads' channel numbering.
+
+    Such a tensor reaches the attention logits through ops of its own (gather, view, permute) and
+    joins them at one add or multiply; Torch-Pruning passes channel indices straight along that
+    path, which would give the tensor heads·head_dim indices for its `heads` columns. On the edge into
+    the join, indices change between heads and the channels of the q/k/v projections (`_HeadChannels`).
+    The views on the path
+    only rearrange positions, so they are taken out of Torch-Pruning's reshape guessing (which may
+    read one as a flatten by head_dim where it can infer the widths around it)."""
+    import torch_pruning as tp
+
+    for mod in net.modules():
+        for tensor, _dim in getattr(mod, "per_head", list)():
+            node = dg.module2node.get(tensor)
+            while node is not None and len(node.outputs) == 1 and len(node.outputs[0].inputs) == 1:
+                node = node.outputs[0]
+                if node.type == tp.ops.OPTYPE.RESHAPE:
+                    node.type = tp.ops.OPTYPE.ELEMENTWISE
+            if node is None or len(node.outputs) != 1:
+                continue   # no single join: the group's indices stay unaligned and it is excluded (groups.py)
+            join = node.outputs[0]
+            for dep in node.dependencies:
+                if dep.target is join:
+                    dep.index_mapping[0] = _HeadChannels(mod.head_dim, to_head=False)
+            for dep in join.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _HeadChannels(mod.head_dim, to_head=True)
+
+
 def map_splits(dg, chunks: set) -> dict:
     """Map every channel split of `dg` edge by edge (see the module docstring); returns {node: reason} for
     the splits a slimmed network would get wrong: a consumer reading several outputs (unmappable), or

@@ -19,6 +19,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.pruning.attention import SplitAttention, SplitSelfAttention
+from compress.pruning.window_attention import SplitWindowAttention, SplitWindowAttentionV2
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
@@ -46,6 +47,14 @@ def _split_attention(m: SplitAttention) -> dict[str, Any]:
     return attrs
 
 
+def _window_attention(m: SplitWindowAttention) -> dict[str, Any]:
+    attrs = {k: v for k, v in _split_attention(m).items() if k != "batch_first"}
+    attrs.update(window_size=list(m.window_size), shift_size=list(m.shift_size), proj_dropout=m.proj_dropout)
+    if isinstance(m, SplitWindowAttentionV2):
+        attrs["cpb_hidden"] = m.cpb_mlp[0].out_features
+    return attrs
+
+
 def _layer_types() -> dict[str, tuple[type, Any]]:
     """Recordable layer types: name → (class, attributes of an instance)."""
     from torchvision.models.convnext import LayerNorm2d
@@ -62,6 +71,8 @@ def _layer_types() -> dict[str, tuple[type, Any]]:
         "PReLU": (nn.PReLU, lambda m: {"num_parameters": m.num_parameters}),
         "SplitAttention": (SplitAttention, _split_attention),
         "SplitSelfAttention": (SplitSelfAttention, _split_attention),
+        "SplitWindowAttention": (SplitWindowAttention, _window_attention),
+        "SplitWindowAttentionV2": (SplitWindowAttentionV2, _window_attention),
     }
 
 

@@ -26,7 +26,7 @@ _CHUNKS = (torch.chunk, torch.Tensor.chunk)   # sizes computed from the width at
 def _graph_class():
     import torch_pruning as tp
 
-    from compress.pruning.layout import fix_split_sizes, map_concats, map_splits, mark_shuffles
+    from compress.pruning.layout import fix_split_sizes, map_concats, map_head_tensors, map_splits, mark_shuffles
 
     class LayoutAwareGraph(tp.DependencyGraph):
         """Torch-Pruning's graph, with channel shuffles mapped as permutations (their ties in `.ties`),
@@ -39,6 +39,7 @@ def _graph_class():
         def _build_dependency(self, module2node):
             super()._build_dependency(module2node)
             self.ties = mark_shuffles(self)
+            map_head_tensors(self, self.model)
             self.unsafe = {**map_splits(self, self.calls.chunks), **map_concats(self, self.calls.cats)}
 
         def get_pruning_group(self, module, pruning_fn, idxs):
@@ -56,13 +57,22 @@ def trace(net: nn.Module, example_input: torch.Tensor, calls: CallRecord):
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dg.build_dependency(net, example_inputs=example_input, verbose=False)
+            return dg.build_dependency(net, example_inputs=example_input, verbose=False,
+                                       unwrapped_parameters=head_parameters(net))
     except Exception as exc:  # tracing runs arbitrary model code
         where = _locate_failure(dg)
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if where:
             raise CompressError(f"cannot group the channels of this network: {where} ({detail})") from None
         raise CompressError(f"cannot trace the network for pruning: {detail}") from None
+
+
+def head_parameters(net: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Per-head parameters of split attention modules with their head dimension: Torch-Pruning's default
+    (the last dimension longer than 1) is wrong for a [heads, 1, 1] scale, and for any table once a
+    single head is left."""
+    return [(t, dim) for mod in net.modules() for t, dim in getattr(mod, "per_head", list)()
+            if isinstance(t, nn.Parameter)]
 
 
 def _locate_failure(dg) -> str | None:
