@@ -65,28 +65,29 @@ class ShuffleToy(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-def tiny_swin(v2: bool = False) -> nn.Module:
-    """A two-stage shifted-window transformer (torchvision Swin V1 or V2; the first stage's second block
-    shifts its windows): its heads prune with their bias tables (split window attention)."""
+def tiny_swin(v2: bool = False, depths: tuple[int, ...] = (2, 2), window: int = 4) -> nn.Module:
+    """A small shifted-window transformer (torchvision Swin V1 or V2; with the defaults, at 32 px the first
+    stage's second block shifts its windows): its heads prune with their bias tables (split window
+    attention)."""
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=10, **kw).eval()
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=list(depths), num_heads=[2, 4, 4][:len(depths)],
+                           window_size=[window, window], num_classes=10, **kw).eval()
 
 
-def unsplit_swin() -> nn.Module:
-    """tiny V1 Swin whose attention stays torchvision's fused functional one (a subclass that split_attention
-    does not convert): Torch-Pruning reads its bias tables' head dim through a view as a flatten of the
-    residual stream, and the index propagation runs away (guard.py), which find_groups must survive."""
+def fused_swin(**kw) -> nn.Module:
+    """tiny V1 Swin whose attention stays torchvision's fused functional one (a subclass, which
+    split_attention does not convert): the graph Torch-Pruning saw before heads were split."""
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
     class Fused(ShiftedWindowAttention):
         pass
 
-    net = tiny_swin()
-    for block in (*net.features[1], *net.features[3]):
-        block.attn.__class__ = Fused
+    net = tiny_swin(**kw)
+    for mod in net.modules():
+        if type(mod) is ShiftedWindowAttention:
+            mod.__class__ = Fused
     return net
 
 
@@ -170,8 +171,17 @@ def test_a_runaway_channel_mapping_excludes_its_group_and_stays_small():
     from compress.pruning.guard import resident_gb
 
     before = resident_gb()
-    groups = find_groups(unsplit_swin(), torch.rand(1, 3, SIZE, SIZE))
+    # Torch-Pruning reads the fused attention's bias-table head dim through a view as a flatten of the
+    # residual stream, and its index propagation runs away (guard.py)
+    groups = find_groups(fused_swin(), torch.rand(1, 3, SIZE, SIZE))
     excluded = dict(groups[0].graph.excluded)
     assert "does not converge" in excluded["features.2.reduction"]
     assert {g.kind for g in groups} == {"channels"} and all(".mlp.0" in g.id for g in groups)   # MLP hidden dims
     assert resident_gb() - before < 1.0
+
+
+def test_a_patch_merging_after_a_deep_stage_builds_the_graph():
+    """Torch-Pruning added up the widths of a concatenation along another dim (Swin's patch merging) and
+    failed with a TypeError where, after many blocks, it could not infer one (swin_s, swin_b)."""
+    groups = find_groups(fused_swin(depths=(1, 18, 1), window=2), torch.rand(1, 3, SIZE, SIZE))
+    assert len(groups) == 20    # the MLP hidden dims

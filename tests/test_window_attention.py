@@ -9,8 +9,9 @@ import copy
 
 import pytest
 import torch
+from test_pruning_equivalence import _randomise
+from test_pruning_equivalence import tiny_swin as _tiny_swin
 from torch import nn
-from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from compress.flops import count_flops
 from compress.pruning import FlopsModel, apply_layer_spec, find_groups, layer_spec, slim, split_attention
@@ -19,16 +20,11 @@ from compress.pruning.window_attention import SplitWindowAttention, SplitWindowA
 
 def tiny_swin(v2: bool = False) -> nn.Module:
     """Two stages of two blocks: at 32 px the first stage's second block shifts its windows, the second
-    stage's map fits one window (no shift); at 40 px the first stage pads its map to whole windows."""
-    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    stage's map fits one window (no shift); at 40 px the first stage pads its map to whole windows.
+    Zero-initialised tensors are lifted so that every head matters."""
     torch.manual_seed(0)
-    net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                          num_classes=10, **kw).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.abs().max() < 1e-3:      # zero-initialised bias tables and heads: make every head matter
-                p.uniform_(0.5, 1.0, generator=g)
+    net = _tiny_swin(v2)
+    _randomise(net)
     return net
 
 

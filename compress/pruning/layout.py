@@ -183,6 +183,7 @@ def map_concats(dg, cats: dict) -> dict:
     """Map the inputs of every concatenation of `dg` whose input shapes were recorded (`cats`: autograd
     node -> (dim, input shapes)); returns {node: reason} for those that cannot be mapped (one producer
     at two places)."""
+    import torch_pruning as tp
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 
     by_fn = {node.grad_fn: node for node in dg.module2node.values() if node.grad_fn is not None}
@@ -193,6 +194,9 @@ def map_concats(dg, cats: dict) -> dict:
         dim, shapes = cats[node.grad_fn]
         node.enable_index_mapping = False      # along another dim (tokens), channels pass straight through
         if dim != (len(shapes[0]) - 1 if len(shapes[0]) == 3 else 1):
+            # and Torch-Pruning must not add up its inputs' widths either: where it cannot infer one it
+            # fails (TypeError) while building the graph (swin_s's patch merging after 18 blocks)
+            node.type = tp.ops.OPTYPE.ELEMENTWISE
             continue
         bounds = [0]
         for shape in shapes:

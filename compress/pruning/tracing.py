@@ -9,6 +9,7 @@ ending the search.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 
@@ -18,6 +19,8 @@ from torch.overrides import TorchFunctionMode
 
 from compress.errors import CompressError
 from compress.pruning.guard import MappingRunaway
+
+log = logging.getLogger(__name__)
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 _CHUNKS = (torch.chunk, torch.Tensor.chunk)   # sizes computed from the width at run time
@@ -62,8 +65,9 @@ def trace(net: nn.Module, example_input: torch.Tensor, calls: CallRecord):
     except Exception as exc:  # tracing runs arbitrary model code
         where = _locate_failure(dg)
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if where:
-            raise CompressError(f"cannot group the channels of this network: {where} ({detail})") from None
+        if where:   # the op says what; Torch-Pruning's own exception text would only confuse a user
+            log.info("tracing failed at %s: %s", where, detail)
+            raise CompressError(f"cannot group the channels of this network: {where}") from None
         raise CompressError(f"cannot trace the network for pruning: {detail}") from None
 
 
