@@ -168,6 +168,17 @@ class Meter:
                        "latency_ms": pruned.summary.median_ms, "latency_dense_ms": dense.summary.median_ms}
         return self.rt.broadcast_object(figures)
 
+    def report(self, module: nn.Module, predicted: float) -> dict[str, Any]:
+        """The slim deployable module measured on the latency target against the dense one (report.json keys)."""
+        target = self.budget.table_target()
+        measured = self.measure(module)
+        return {"latency_ratio_target": self.budget.ratio, "latency_ratio": round(measured["latency_ratio"], 6),
+                "latency_ratio_predicted": round(predicted, 6), "latency_backend": target.backend,
+                "latency_threads": target.threads, "latency_batch_size": target.batch_size,
+                "latency_clock": target.clock, "latency_precision": target.precision,
+                "latency_ms": round(measured["latency_ms"], 4),
+                "latency_dense_ms": round(measured["latency_dense_ms"], 4), "latency_table": self.build}
+
     def real_ratio(self, module: nn.Module, masks: dict[str, torch.Tensor]) -> float:
         """The latency ratio `masks` really reach: a slimmed copy of `module` (left untouched) timed
         against the dense network on the target. (A FLOPs target's truth is fvcore, in the pipeline.)"""

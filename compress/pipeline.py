@@ -2,10 +2,11 @@
 
 dense accuracy/FLOPs → channel groups → the target's cost model (FLOPs, or latency tables measured on
 the target backend: compress/budget.py) → method search → masks hitting the target (confirmed with
-real fvcore, or by timing the slimmed deployable module against the dense one on the target) → slim
-→ (latency target: the slim model measured on the target) → BN statistics re-estimated → accuracy
-before fine-tuning → fine-tune (weights and prompt) → run directory with model.json "layers"/"widths",
-weights-only model.pt and report.json (design.md keys, per-stage wall times).
+real fvcore, or by timing the slimmed deployable module against the dense one on the target:
+compress/calibration.py) → slim → (latency target: the slim model measured on the target) → BN
+statistics re-estimated → accuracy before fine-tuning → fine-tune (weights and prompt) → run directory
+with model.json "layers"/"widths", weights-only model.pt and report.json (design.md keys, per-stage
+wall times).
 
 With token sparsification (`tokens`, compress/tokens; docs/tokens.md) a ViT also gets DynamicViT
 prediction modules, trained by the DynamicViT stage against the dense parent — after the channel
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-from compress.budget import Budget, Meter, next_aim, slimmed_copy
+from compress.budget import Budget, Meter
+from compress.calibration import choose_masks
 from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng, snapshot
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
@@ -40,11 +42,11 @@ from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, widths
-from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, masks_of_counts, select_counts, smallest_ratio
+from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
 from compress.sparse import SparseConfig, sparse_train
-from compress.tokens import TokenSparseViT, backbone_of, sparsify, token_spec
+from compress.tokens import backbone_of, token_spec
 from compress.tokens.training import TokenOptions, frozen_predictors, train_tokens
 from compress.tokens.training import check_model as check_token_model
 
@@ -205,7 +207,7 @@ def _prune_channels(module: DeployableModule, bundle: DataBundle, method_obj, s:
         watch.lap("slim", start)
         if budget.kind == "latency":
             start = time.perf_counter()
-            target.update(_latency_report(meter, module, estimate))
+            target.update(meter.report(module, estimate))
             watch.lap("latency", start)
 
     start = time.perf_counter()
@@ -253,7 +255,7 @@ def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[st
 
     start = time.perf_counter()
     target: dict[str, Any] = {}
-    masks, estimate = _choose_masks(module, groups, result, meter, s["scope"], s["round_to"], s["allocation"],
+    masks, estimate = choose_masks(module, groups, result, meter, s["scope"], s["round_to"], s["allocation"],
                                     dense["flops"], target, tokens)
     digests = current().assert_same("the final keep-masks", masks)
     watch.lap("target", start)
@@ -370,85 +372,6 @@ def _load_source(source, model, checkpoint, weights, data, image_size, subset, s
 
     return build_dense(model, data, image_size=image_size, subset=subset, seed=seed, weights=weights,
                        checkpoint=checkpoint)
-
-
-def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int,
-               tokens: TokenOptions | None = None) -> float:
-    """fvcore FLOPs ratio of `module` slimmed by `masks`, measured on a copy (module is untouched); with
-    `tokens`, at the token counts the module will have (prediction modules added if not there yet)."""
-    trial = slimmed_copy(module, masks)
-    if tokens is not None and not isinstance(trial.net, TokenSparseViT):
-        trial.net = sparsify(trial.net, tokens.keep_ratio, tokens.stages)
-    return count_flops(trial, tuple(trial.input_size)) / dense_flops
-
-
-def _confirmed(meter: Meter, module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int,
-               tokens: TokenOptions | None) -> float:
-    """The ratio `masks` really reach: fvcore FLOPs, or the slimmed copy timed on the latency target."""
-    if meter.budget.kind == "flops":
-        return real_ratio(module, masks, dense_flops, tokens)
-    return meter.real_ratio(module, masks)
-
-
-def _choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: SearchResult, meter: Meter,
-                  scope: str, round_to: int, allocation: str, dense_flops: int, record: dict[str, Any],
-                  tokens: TokenOptions | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """Masks for the target; returns them and the cost model's estimate of their ratio.
-
-    The post-slimming calibration: the cost model (FLOPs model or latency tables) estimates, the truth
-    (fvcore, or the slimmed copy timed against the dense network on the target) confirms. Where they
-    disagree (ops the FLOPs model cannot attribute, a prompt's own cost, tokens, what the latency tables
-    do not see), the target handed to the model is corrected by the measured error and masks
-    re-selected (`next_aim`: inside a bracket once there is one), keeping the masks whose real ratio is
-    closest to the target. `record` receives every
-    round (aim, estimate, confirmed ratio) and the knapsack's figures. Masks a method returns itself
-    (VPNs) were chosen against the cost model during its search; they are kept as they are (one round,
-    unconfirmed: a latency target's slim model is measured afterwards).
-    """
-    budget, model = meter.budget, meter.cost_model
-    if not groups:
-        if budget.ratio < 1.0:
-            raise CompressError(f"this model has no prunable channel groups; the only reachable {budget.flag} is 1")
-        return {}, 1.0
-    if result.scores is None:
-        if result.masks is None:
-            raise ValueError("a method's SearchResult needs scores or masks")
-        masks = {g.id: result.masks.get(g.id, torch.ones(g.width, dtype=torch.bool)) for g in groups}
-        estimate = model.ratio_of_masks(masks)
-        record["calibration"] = [{"aim": round(budget.ratio, 6), "estimate": round(estimate, 6), "confirmed": None}]
-        return masks, estimate
-    best, best_err, rounds = None, float("inf"), []
-    aim = budget.ratio
-    for _ in range(budget.calibration_rounds):
-        kept = select_counts(result.scores, groups, model, aim, scope=scope, round_to=round_to,
-                             normalize=result.normalize, allocation=allocation, report=record)
-        masks = masks_of_counts(result.scores, groups, kept)
-        estimate = model.ratio_of_masks(masks)
-        real = _confirmed(meter, module, masks, dense_flops, tokens)
-        rounds.append({"aim": round(aim, 6), "estimate": round(estimate, 6), "confirmed": round(real, 6)})
-        if abs(real - budget.ratio) < best_err:
-            best, best_err = (masks, estimate), abs(real - budget.ratio)
-        if budget.within(real) or (budget.kind == "flops" and tokens is None and abs(real - estimate) < 1e-3):
-            break   # on target, or the model was exact and only round-to granularity is left
-        # never below what the cost model can reach (every group at its minimum width)
-        aim = max(smallest_ratio(groups, model, round_to), next_aim([(r["aim"], r["confirmed"]) for r in rounds],
-                                                                    budget.ratio))
-        if any(abs(aim - r["aim"]) < 1e-6 for r in rounds):
-            break   # the same selection again: nothing left to correct
-    record["calibration"] = rounds
-    return best
-
-
-def _latency_report(meter: Meter, module: DeployableModule, predicted: float) -> dict[str, Any]:
-    """The slim deployable module measured on the latency target against the dense one (report.json keys)."""
-    budget, target = meter.budget, meter.budget.table_target()
-    measured = meter.measure(module)
-    return {"latency_ratio_target": budget.ratio, "latency_ratio": round(measured["latency_ratio"], 6),
-            "latency_ratio_predicted": round(predicted, 6), "latency_backend": target.backend,
-            "latency_threads": target.threads, "latency_batch_size": target.batch_size,
-            "latency_clock": target.clock, "latency_precision": target.precision,
-            "latency_ms": round(measured["latency_ms"], 4),
-            "latency_dense_ms": round(measured["latency_dense_ms"], 4), "latency_table": meter.build}
 
 
 def _say(line: str) -> None:
