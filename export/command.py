@@ -83,7 +83,7 @@ def _load_run(run_dir: str):
     module = load(path)
     metadata = {}
     if is_run(path) and (path / "report.json").is_file():
-        from export.onnx import run_metadata
+        from export.onnx_file import run_metadata
 
         metadata = run_metadata(read_report(path))
     return module, metadata

@@ -7,9 +7,7 @@ finds a file at `out` can trust it.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +21,17 @@ import torch
 from compress.errors import CheckFailed, CompressError
 from compress.tokens import index_output_names, returning_indices
 from export.files import failed_path, keep_failed, print_note, temp_beside
+from export.onnx_file import (
+    input_size_of,
+    load_graph_only,
+    one_line,
+    prop,
+    require_batch_size,
+    set_metadata,
+    shape_of,
+    spec_metadata,
+    strip_trace_metadata,
+)
 from export.parity import (
     FP32_TOLERANCE,
     Float64Reference,
@@ -61,10 +70,10 @@ def to_onnx(module: torch.nn.Module, out: str | os.PathLike, *, opset: int = DEF
     """
     log = log or print_note
     out = Path(out)
-    input_size = _input_size(module)
+    input_size = input_size_of(module)
     batch_size = _check_args(opset, batch_size, dynamic_batch, exporter, input_size)
     _refuse_huge(module)
-    props = {**spec_metadata(module), **{k: _prop(v) for k, v in (metadata or {}).items()}}
+    props = {**spec_metadata(module), **{k: prop(v) for k, v in (metadata or {}).items()}}
     extra_outputs = index_output_names(module) if token_indices else []
     tmp = temp_beside(out)
     started = time.perf_counter()
@@ -126,7 +135,7 @@ def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int
             _dynamo_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names)
             return "dynamo", notes
         except Exception as exc:
-            reason = _one_line(exc)
+            reason = one_line(exc)
             if exporter == "dynamo":
                 raise CompressError(f"the dynamo ONNX exporter failed: {reason}") from None
             log(f"dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
@@ -134,7 +143,7 @@ def export_graph(module: torch.nn.Module, path: Path, input_size: tuple[int, int
     try:
         _torchscript_export(module, path, input_size, opset, batch_size, dynamic_batch, device, output_names)
     except Exception as exc:
-        raise CompressError(f"ONNX export failed: {'; '.join(notes + [f'torchscript: {_one_line(exc)}'])}") from None
+        raise CompressError(f"ONNX export failed: {'; '.join(notes + [f'torchscript: {one_line(exc)}'])}") from None
     return "torchscript", notes
 
 
@@ -174,7 +183,7 @@ def _load_checked(path: Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise CheckFailed(f"onnx.checker rejected the exported graph: {_one_line(exc)}") from None
+        raise CheckFailed(f"onnx.checker rejected the exported graph: {one_line(exc)}") from None
     return model
 
 
@@ -197,7 +206,7 @@ def _try_simplified(model, tmp, reference, batches, described, tolerance, notes,
             slim = onnxslim.slim(model)
         onnx.checker.check_model(slim)
     except Exception as exc:
-        reason = f"onnxslim failed ({_one_line(exc)}); kept the unsimplified graph"
+        reason = f"onnxslim failed ({one_line(exc)}); kept the unsimplified graph"
         log(reason)
         notes.append(reason)
         return None, False
@@ -259,7 +268,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
         except Exception as exc:
-            raise CompressError(f"onnxruntime cannot load {self.path}: {_one_line(exc)}") from None
+            raise CompressError(f"onnxruntime cannot load {self.path}: {one_line(exc)}") from None
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         self.input_shape = tuple(d if isinstance(d, int) else str(d) for d in first.shape)
@@ -293,104 +302,6 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def onnx_input_shape(path: str | os.PathLike) -> tuple[int | str, ...]:
-    """Shape of the first graph input, symbolic dims as their names (e.g. ("batch", 3, 32, 32))."""
-    return onnx_input(path)[1]
-
-
-def onnx_input(path: str | os.PathLike) -> tuple[str, tuple[int | str, ...]]:
-    """(name, shape) of the first real graph input: files from other exporters name it anything
-    ("input.1", "x", "pixel_values"), and old IR versions list initializers among the inputs."""
-    graph = _load_graph_only(path).graph
-    initializers = {init.name for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if not inputs:
-        raise CompressError(f"{path} has no graph input")
-    return inputs[0].name, tuple(_shape(inputs[0]))
-
-
-def require_batch_size(shape_or_path: Sequence[int | str] | str | os.PathLike, batch_size: int,
-                       name: str | os.PathLike = "the model") -> None:
-    """Raise a one-line CompressError if a fixed-batch model cannot run at `batch_size`."""
-    if isinstance(shape_or_path, (str, os.PathLike)):
-        name = shape_or_path
-        shape = onnx_input_shape(shape_or_path)
-    else:
-        shape = tuple(shape_or_path)
-    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-    if fixed is not None and fixed != batch_size:
-        label = Path(name).name if isinstance(name, (str, os.PathLike)) else str(name)
-        raise CompressError(f"{label} was exported with a fixed batch size of {fixed} and cannot run at batch "
-                            f"{batch_size}; re-export with --dynamic-batch or --batch-size {batch_size}")
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file (values are strings; lists are JSON)."""
-    return {p.key: p.value for p in _load_graph_only(path).metadata_props}
-
-
-def _load_graph_only(path: str | os.PathLike) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise CompressError(f"{path} not found") from None
-    except Exception as exc:
-        raise CompressError(f"{path} is not an ONNX file ({_one_line(exc)})") from None
-
-
-# ------------------------------------------------------------------ metadata
-
-
-def spec_metadata(module: torch.nn.Module) -> dict[str, str]:
-    """Metadata known from the module itself (and its model.json spec when loaded from a run)."""
-    from compress import __version__
-
-    spec = getattr(module, "spec", None) or {}
-    props: dict[str, Any] = {"compress_version": __version__, "input_size": list(_input_size(module)),
-                             "input_range": "float32 in [0, 1], NCHW; normalisation is inside the graph"}
-    if spec:
-        props.update(model=spec.get("model"), num_classes=spec.get("num_classes"),
-                     mean=spec["normalization"]["mean"], std=spec["normalization"]["std"],
-                     prompt=spec.get("prompt") is not None, data=spec.get("data"), tokens=spec.get("tokens"))
-        if spec.get("classes"):
-            props["classes"] = spec["classes"]
-    else:
-        norm = getattr(module, "normalize", None)
-        if norm is not None:
-            props.update(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist())
-    return {k: _prop(v) for k, v in props.items() if v is not None}
-
-
-def run_metadata(report: dict[str, Any]) -> dict[str, str]:
-    """Metadata from a run's report.json: method, flops ratio and the measured figures."""
-    method = report.get("method") or ("dense" if report.get("command") == "train" else None)
-    props = {"method": method, "flops_ratio": report.get("flops_ratio", 1.0 if method == "dense" else None),
-             "flops": report.get("flops"), "params": report.get("params"), "accuracy": report.get("accuracy"),
-             "run_command": report.get("command")}
-    return {k: _prop(v) for k, v in props.items() if v is not None}
-
-
-def strip_trace_metadata(model: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node records (Python stack traces with local file paths, FX node text).
-
-    They are debugging aids, not part of the model: they would ship source paths in a deployment
-    artifact and add size that does not scale with parameters.
-    """
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    for info in (*model.graph.value_info, *model.graph.input, *model.graph.output, *model.graph.initializer):
-        del info.metadata_props[:]
-
-
-def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    onnx.helper.set_model_props(model, {k: str(v) for k, v in props.items()})
-
-
-def _prop(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 # ------------------------------------------------------------------ helpers
 
 
@@ -408,14 +319,6 @@ def _check_args(opset: int, batch_size: int | None, dynamic_batch: bool, exporte
     return batch_size
 
 
-def _input_size(module: torch.nn.Module) -> tuple[int, int, int]:
-    size = getattr(module, "input_size", None)
-    if not size or len(size) != 3:
-        raise CompressError("to_onnx needs a DeployableModule (with input_size = (C, H, W)); "
-                            "use compress.load(run_dir)")
-    return tuple(int(v) for v in size)
-
-
 def _refuse_huge(module: torch.nn.Module) -> None:
     n_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     if n_bytes > PROTOBUF_LIMIT:
@@ -429,29 +332,15 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 def _result(out: Path, exporter: str, opset: int, parity: Parity | None, seconds: float, simplified: bool,
             notes: list[str], props: dict[str, str]) -> ExportResult:
-    model = _load_graph_only(out)
+    model = load_graph_only(out)
     return ExportResult(path=out, format="onnx", opset=_opset_of(model, opset), exporter=exporter,
                         input_names=[i.name for i in model.graph.input],
-                        input_shapes=[_shape(i) for i in model.graph.input],
+                        input_shapes=[shape_of(i) for i in model.graph.input],
                         output_names=[o.name for o in model.graph.output],
-                        output_shapes=[_shape(o) for o in model.graph.output],
+                        output_shapes=[shape_of(o) for o in model.graph.output],
                         size_bytes=out.stat().st_size, parity=parity, build_time_s=round(seconds, 3),
                         precision="fp32", simplified=simplified, notes=notes, metadata=props)
 
 
 def _opset_of(model: onnx.ModelProto, default: int) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
-
-
-def _shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    """Dims as ints, symbolic ones by name, unknown ones as "?"."""
-    return [d.dim_param or (int(d.dim_value) if d.HasField("dim_value") else "?")
-            for d in value_info.type.tensor_type.shape.dim]
-
-
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception's message, without terminal colour codes (the exporter emits them)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    first = first if len(first) <= 300 else first[:297] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

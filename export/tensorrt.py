@@ -26,7 +26,8 @@ import torch
 from compress.errors import CheckFailed, CompressError
 from compress.files import write_atomic
 from export.files import failed_path, keep_failed, print_note, temp_beside
-from export.onnx import DEFAULT_OPSET, OnnxRunner, onnx_input, to_onnx
+from export.onnx import DEFAULT_OPSET, OnnxRunner, to_onnx
+from export.onnx_file import onnx_input
 from export.parity import (
     FP16_TOLERANCE,
     TENSORRT_FP32_TOLERANCE,

@@ -22,7 +22,7 @@ import compress
 from cli import main
 from compress.errors import CompressError
 from export import OnnxRunner
-from export.onnx import onnx_input
+from export.onnx_file import onnx_input
 from export.parity import FP16_TOLERANCE, TENSORRT_FP32_TOLERANCE
 from export.tensorrt import Profile, _source, batch_profile, parity_label
 
