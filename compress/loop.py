@@ -281,13 +281,25 @@ def frozen(module: nn.Module, freeze: str | None, state: StageState | None = Non
     for p, _ in flags:
         p.requires_grad_(False)
     try:
+        with buffers_kept(net, entry):
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module, saved: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Every buffer of `module` (BN statistics) restored on exit: to `saved` (a copy of its named buffers,
+    e.g. from a checkpoint) when given, else to their values on entry."""
+    if saved is None:
+        saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+    try:
         yield
     finally:
         with torch.no_grad():
-            for k, v in net.named_buffers():
-                v.copy_(entry[k])
-        for p, flag in flags:
-            p.requires_grad_(flag)
+            for k, v in module.named_buffers():
+                v.copy_(saved[k])
 
 
 # ---------------------------------------------------------------- forward-only passes

@@ -10,25 +10,12 @@ validation accuracy, and puts the BN buffers back.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from compress.loop import evaluate, reestimate_bn
+from compress.loop import buffers_kept, evaluate, reestimate_bn
 from compress.pruning.gates import Gates
-
-
-@contextlib.contextmanager
-def buffers_kept(module: nn.Module) -> Iterator[None]:
-    """Every buffer of `module` (BN statistics) restored on exit."""
-    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in module.named_buffers():
-                v.copy_(saved[k])
 
 
 def accuracy_now(module: nn.Module, data, batch_size: int, groups: list | None = None,
@@ -44,4 +31,4 @@ def accuracy_now(module: nn.Module, data, batch_size: int, groups: list | None =
         return evaluate(module, data.val)
 
 
-__all__ = ["accuracy_now", "buffers_kept"]
+__all__ = ["accuracy_now"]
