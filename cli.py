@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 import warnings
 
 import click
 
 from compress import __version__
+from compress.cli_flags import (
+    configure_runtime,
+    dest,
+    handle_errors,
+    method_flags,
+    resume_option,
+    runtime_options,
+    sparse_flags,
+    token_flags,
+)
 from compress.errors import CompressError
 
 # fvcore (FLOPs counting) still calls torch.jit.script, which warns on every import.
@@ -18,63 +26,6 @@ warnings.formatwarning = lambda message, category, *_args, **_kw: f"{category.__
 
 DATA_HELP = "digits | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR | synthetic[:N]"
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def handle_errors(fn):
-    """Turn CompressError (and Ctrl-C / SIGTERM) into one line on stderr and design.md's exit codes, never a
-    traceback; leave torchrun's process group (if any) at the end of the command."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from compress.checkpoint import raise_on_sigterm
-        from compress.runtime import current, shutdown
-
-        raise_on_sigterm()
-        try:
-            return fn(*args, **kwargs)
-        except CompressError as exc:
-            if current().is_main:
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        finally:
-            shutdown()
-
-    return wrapper
-
-
-def runtime_options(fn):
-    """--device/--precision/--channels-last/--workers/--sync-bn: where training-like work runs (compress.runtime)."""
-    options = [
-        click.option("--device", default="auto", show_default=True,
-                     help="auto | cpu | cuda | cuda:N (auto: CUDA when available; under torchrun each rank "
-                          "uses cuda:LOCAL_RANK)."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-                     help="Autocast precision of forward passes (fp16 with loss scaling, CUDA only)."),
-        click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on GPUs)."),
-        click.option("--workers", type=int, help="Data-loader processes per rank for image folders (in-memory "
-                     "datasets are indexed directly)  [default: usable cores ÷ ranks per node, at most 8]"),
-        click.option("--sync-bn", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings "
-                             "from its last epoch checkpoint (kept in .OUT.partial beside --out).")
-
-
-def _configure(kw: dict) -> None:
-    """Pop the runtime flags from a command's arguments and set up this process (joining torchrun's group)."""
-    from compress.progress import quiet
-    from compress.runtime import configure
-
-    rt = configure(device=kw.pop("device"), precision=kw.pop("precision"), channels_last=kw.pop("channels_last"),
-                   workers=kw.pop("workers"), sync_bn=kw.pop("sync_bn"))
-    quiet(not rt.is_main)
 
 
 @click.group(context_settings=CONTEXT)
@@ -112,7 +63,7 @@ def train(**kwargs) -> None:
     from compress.runtime import current
     from compress.training import train_run
 
-    _configure(kwargs)
+    configure_runtime(kwargs)
     out = kwargs.pop("out")
     report = train_run(kwargs.pop("model"), kwargs.pop("data"), out, **kwargs)
     if current().is_main:
@@ -130,51 +81,11 @@ def eval_cmd(run_dir: str, data: str, split: str, **kw) -> None:
     from compress.runtime import current
     from compress.training import eval_run
 
-    _configure(kw)
+    configure_runtime(kw)
     r = eval_run(run_dir, data, split)
     if current().is_main:
             click.echo(f"accuracy {r['accuracy']:.4f} ({r['split']}, {r['n']} images)  flops {r['flops']:,}  "
                    f"params {r['params']:,}")
-
-
-def _token_flags(fn):
-    """--token-keep and the other DynamicViT flags (declared in compress/tokens/training.py)."""
-    from compress.tokens.training import TOKEN_FLAGS
-
-    for flag, _field, kind, text in reversed(TOKEN_FLAGS):
-        fn = click.option(flag, _dest(flag), type=click.Choice(kind) if isinstance(kind, tuple) else kind,
-                          help=text)(fn)
-    return fn
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _method_flags(fn):
-    """Add every registered method's own flags (declared next to the method in compress/methods/)."""
-    from compress.methods import METHODS, all_options
-
-    for _method, opt in reversed(all_options()):
-        owners = ", ".join(sorted(n for n, cls in METHODS.items() if any(o.flag == opt.flag for o in cls.options)))
-        kind = opt.type
-        if kind is bool:
-            decl, extra = f"{opt.flag}/--no-{opt.flag[2:]}", {}
-        else:
-            decl, extra = opt.flag, {"type": click.Choice(kind) if isinstance(kind, tuple) else kind}
-        fn = click.option(decl, opt.dest, default=opt.default, show_default=True, help=f"[{owners}] {opt.help}",
-                          **extra)(fn)
-    return fn
-
-
-def _sparse_flags(fn):
-    """The sparse-training stage's flags (declared in compress/sparse.py, where the stage is)."""
-    from compress.sparse import SPARSE_OPTIONS
-
-    for opt in reversed(SPARSE_OPTIONS):
-        fn = click.option(opt.flag, opt.dest, type=opt.type, default=opt.default, show_default=opt.default is not None,
-                          help=opt.help[0].upper() + opt.help[1:] + ".")(fn)
-    return fn
 
 
 @main.command(context_settings=CONTEXT)
@@ -214,11 +125,11 @@ def _sparse_flags(fn):
 @click.option("--subset", type=int, help="Train (search, fine-tune) on N images of the training split.")
 @click.option("--bn-recalibration/--no-bn-recalibration", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on training images after slimming, before fine-tuning.")
-@_sparse_flags
+@sparse_flags
 @resume_option
 @runtime_options
-@_token_flags
-@_method_flags
+@token_flags
+@method_flags
 @click.pass_context
 @handle_errors
 def prune(ctx: click.Context, **kw) -> None:
@@ -240,10 +151,10 @@ def prune(ctx: click.Context, **kw) -> None:
     from compress.runtime import current
     from compress.tokens.training import TOKEN_FLAGS, token_options
 
-    _configure(kw)
+    configure_runtime(kw)
 
     method = get_method(kw["method"])
-    tokens = token_options({field: kw.pop(_dest(flag)) for flag, field, _kind, _help in TOKEN_FLAGS},
+    tokens = token_options({field: kw.pop(dest(flag)) for flag, field, _kind, _help in TOKEN_FLAGS},
                            implied=not method.prunes_channels)
     declared = {o.dest for o in method.options}
     options = {}
@@ -376,7 +287,7 @@ def study(**kw) -> None:
     from compress.runtime import current
     from compress.study import parse_list, preset, run_study
 
-    _configure(kw)
+    configure_runtime(kw)
 
     def listed(key: str, kind=float):
         return parse_list(kw[key], kind) if kw[key] is not None else None
