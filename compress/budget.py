@@ -11,7 +11,6 @@ the target with the bench runners, interleaved).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from compress.errors import CompressError
 from compress.pruning.cost import CostModel
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
+from compress.pruning.structure import module_copy
 from compress.pruning.target import check_ratio
 from compress.tokens import backbone_of
 
@@ -196,9 +196,10 @@ class Meter:
 
 
 def slimmed_copy(module: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """A deep copy of the deployable `module` with `masks` applied by slimming (to the ViT inside a
-    token-sparse network, when there is one)."""
-    trial = copy.deepcopy(module)
+    """A copy of the deployable `module` with `masks` applied by slimming (to the ViT inside a token-sparse
+    network, when there is one); `module` is left as it was. The copy shares the tensors slimming does
+    not replace (module_copy), so it costs the memory of the slimmed layers only."""
+    trial = module_copy(module)
     example = trial.normalize(trial.example_input(1))
     net = backbone_of(trial.net)
     slim(net, find_groups(net, example), masks)

@@ -9,6 +9,7 @@ calibration every method goes through).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -31,7 +32,10 @@ def real_ratio(module: DeployableModule, masks: dict[str, torch.Tensor], dense_f
     trial = slimmed_copy(module, masks)
     if tokens is not None and not isinstance(trial.net, TokenSparseViT):
         trial.net = sparsify(trial.net, tokens.keep_ratio, tokens.stages)
-    return count_flops(trial, tuple(trial.input_size)) / dense_flops
+    ratio = count_flops(trial, tuple(trial.input_size)) / dense_flops
+    del trial
+    gc.collect()   # the copy's group graph holds its layers in reference cycles: free them before the next round
+    return ratio
 
 
 def confirmed(meter: Meter, module: DeployableModule, masks: dict[str, torch.Tensor], dense_flops: int,

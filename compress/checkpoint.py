@@ -28,7 +28,7 @@ import torch
 from compress.errors import CompressError
 from compress.runtime import Runtime, current
 
-FORMAT = 1
+FORMAT = 2          # 2: step results in files of their own
 STATE_FILE = "state.pt"
 
 
@@ -76,10 +76,16 @@ class Checkpoint:
 
     def result(self, name: str) -> Any:
         """The recorded result of a finished pipeline step, or None."""
-        return self.state["results"].get(name)
+        file = self.state["results"].get(name)
+        return None if file is None else self._load(self.dir / file)
 
     def save_result(self, name: str, value: Any) -> None:
-        self.state["results"][name] = value
+        """Record a finished step's result. It goes to a file of its own at once, so a result holding live
+        tensors (the module's weights after a search) is read now and no copy of it stays in memory for
+        the later checkpoints (a giant's weights would otherwise be held twice for the rest of the run)."""
+        file = f"result-{name}.pt"
+        self._save(value, file)
+        self.state["results"][name] = file
         self._write()
 
     def reached(self) -> str:
@@ -98,27 +104,34 @@ class Checkpoint:
     # ------------------------------------------------------------ files
 
     def _write(self) -> None:
+        self._save(self.state, STATE_FILE)
+
+    def _save(self, value: Any, name: str) -> None:
+        """torch.save `value` as file `name` of the progress directory, atomically (rank 0 only)."""
         if not self.rt.is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
         os.close(fd)
         try:
-            torch.save(self.state, tmp)
-            os.replace(tmp, self.dir / STATE_FILE)
+            torch.save(value, tmp)
+            os.replace(tmp, self.dir / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _load(self, path: Path) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign files raise many types
+            raise CompressError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}); "
+                                "delete it or run without --resume") from None
 
     def _read(self) -> dict[str, Any]:
         path = self.dir / STATE_FILE
         if not path.is_file():
             raise CompressError(f"--resume: no progress to resume at {self.dir} (run without --resume to start)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or foreign files raise many types
-            raise CompressError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}); "
-                                "delete it or run without --resume") from None
+        state = self._load(path)
         if not isinstance(state, dict) or state.get("format") != FORMAT or "stages" not in state:
             raise CompressError(f"--resume: {path} is not a checkpoint of this version; run without --resume")
         return state

@@ -32,7 +32,7 @@ import torch
 
 from compress.budget import Budget, Meter
 from compress.calibration import choose_masks
-from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng, snapshot
+from compress.checkpoint import Checkpoint, get_rng, interruptible, set_rng
 from compress.data import DataBundle, load_data
 from compress.deploy import DeployableModule
 from compress.errors import CompressError
@@ -41,7 +41,7 @@ from compress.loop import BN_IMAGES, Fit, evaluate, reestimate_bn, run_stage
 from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
-from compress.pruning.structure import layer_spec, widths
+from compress.pruning.structure import layer_spec, module_copy, widths
 from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, smallest_ratio
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
@@ -117,6 +117,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     module, spec, bundle = _load_source(s["source"], s["model"], s["checkpoint"], s["weights"], s["data"],
                                         s["image_size"], s["subset"], s["seed"])
     rt.place(module)
+    reference = _dense_reference(module, spec)
     tokens = TokenOptions(**s["tokens"]) if s["tokens"] else None
     if tokens:
         check_token_model(module.net, tokens)
@@ -149,7 +150,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     achieved = flops / dense["flops"]
     accuracy = evaluate(module, bundle.val)
 
-    new_spec = _pruned_spec(module, spec, bundle, result, tokens)
+    new_spec = _pruned_spec(module, spec, reference, bundle, result, tokens)
     flops_target = budget.ratio if budget is not None and budget.kind == "flops" else None
     report = {
         "command": "prune", "model": spec["model"], "data": bundle.spec, "seed": s["seed"],
@@ -303,12 +304,12 @@ def _search(method_obj, ctx: PruneContext, progress: Checkpoint) -> SearchResult
         if result.prompt_spec is None:
             raise ValueError(f"method {method_obj.name} returned a prompt without its prompt_spec")
         ctx.module.prompt = result.prompt
-    progress.save_result("search", snapshot({
+    progress.save_result("search", {     # written at once: the live weights need no copy
         "scores": result.scores, "masks": result.masks, "normalize": result.normalize,
         "prompt_spec": result.prompt_spec, "stages": _jsonable(result.stages), "extras": result.extras,
         "initial_masks": result.initial_masks,
         "files": result.files,
-        "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()}))
+        "method_report": _jsonable(ctx.report), "rng": get_rng(), "module": ctx.module.state_dict()})
     return result
 
 
@@ -404,20 +405,29 @@ def _ratio_note(achieved: float, target: float | None, round_to: int) -> str:
     return f"closest ratio the group widths allow with --round-to {round_to}"
 
 
-def _pruned_spec(module: DeployableModule, spec: dict[str, Any], bundle: DataBundle,
+def _dense_reference(module: DeployableModule, spec: dict[str, Any]) -> torch.nn.Module:
+    """The dense network model.json's "layers" are recorded against, shapes only (module_copy(meta=True)):
+    taken from `module` while it is still the network create_model built, else built once more."""
+    if not spec.get("layers") and not spec.get("tokens"):
+        return module_copy(module.net, meta=True)
+    return module_copy(build_module({**spec, "layers": {}, "prompt": None, "tokens": None}).net, meta=True)
+
+
+def _pruned_spec(module: DeployableModule, spec: dict[str, Any], reference: torch.nn.Module, bundle: DataBundle,
                  result: SearchResult, tokens: TokenOptions | None = None) -> dict[str, Any]:
-    """model.json of the slimmed module, checked by rebuilding it and loading its weights."""
-    dense_spec = {**spec, "layers": {}, "prompt": None, "tokens": None}
-    reference = build_module(dense_spec).net
+    """model.json of the slimmed module, checked by rebuilding it onto a shape-only copy of the dense
+    `reference` and loading its weights (names and shapes must match; a rebuild in memory would hold a
+    giant's dense weights once more)."""
     net = backbone_of(module.net)
     new_spec = {**spec, "data": bundle.spec, "layers": layer_spec(net, reference), "widths": widths(net)}
     if tokens is not None:
         new_spec["tokens"] = token_spec(module.net, tokens.keep_ratio)
     if result.prompt_spec is not None:
         new_spec["prompt"] = result.prompt_spec
-    rebuilt = build_module(new_spec)
+    with torch.device("meta"):
+        rebuilt = build_module(new_spec, dense=module_copy(reference, meta=True))
     try:
-        rebuilt.load_state_dict(module.state_dict(), strict=True)
+        rebuilt.load_state_dict(module.state_dict(), strict=True, assign=True)
     except RuntimeError as exc:
         raise RuntimeError(f"the recorded structure does not rebuild the pruned model: {exc}") from None
     return new_spec

@@ -46,13 +46,14 @@ def build_spec(model: str, num_classes: int, input_size: tuple[int, int, int], m
     }
 
 
-def build_module(spec: dict[str, Any]) -> DeployableModule:
-    """An untrained deployable module with exactly the architecture `spec` describes."""
+def build_module(spec: dict[str, Any], dense: torch.nn.Module | None = None) -> DeployableModule:
+    """An untrained deployable module with exactly the architecture `spec` describes; `dense`, when given,
+    is the dense network of spec's model to start from instead of building it (e.g. a shape-only copy)."""
     from compress.models import create_model
 
     try:
-        net = create_model(spec["model"], num_classes=spec["num_classes"],
-                           image_size=spec["input_size"][1], adapt=spec.get("adapt"))
+        net = dense if dense is not None else create_model(spec["model"], num_classes=spec["num_classes"],
+                                                            image_size=spec["input_size"][1], adapt=spec.get("adapt"))
         if spec.get("layers"):
             from compress.pruning.structure import apply_layer_spec
 

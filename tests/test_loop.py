@@ -130,6 +130,17 @@ def test_a_finished_stage_is_restored_from_its_checkpoint_without_training(tmp_p
                                                   strict=True))
 
 
+def test_a_step_result_is_written_at_once_to_its_own_file_and_read_back_on_resume(tmp_path):
+    ckpt = Checkpoint(tmp_path / "out", {"k": 1})
+    weights = torch.arange(4.0)
+    ckpt.save_result("search", {"w": weights})
+    weights += 1                      # a live tensor changing later: the result is what it held when saved
+    state = torch.load(partial_dir(tmp_path / "out") / "state.pt", weights_only=True)
+    assert state["results"] == {"search": "result-search.pt"}                 # no copy in the state
+    again = Checkpoint(tmp_path / "out", {"k": 1}, resume=True)
+    assert torch.equal(again.result("search")["w"], torch.arange(4.0)) and again.result("other") is None
+
+
 def test_checkpoint_refuses_other_settings_missing_and_corrupt_progress(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(CompressError, match="no progress to resume"):

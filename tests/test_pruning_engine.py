@@ -26,6 +26,7 @@ from compress.pruning import (
     group_sq_norms,
     l1_scores,
     layer_spec,
+    module_copy,
     random_scores,
     select_masks,
     slim,
@@ -372,6 +373,21 @@ def test_layer_spec_rebuilds_the_slimmed_net(build):
     rebuilt.load_state_dict(net.state_dict(), strict=True)
     assert torch.allclose(rebuilt(_x()), net(_x()), atol=1e-6)
     assert widths(rebuilt) == widths(net)
+
+
+def test_a_shared_copy_slims_without_touching_the_original_and_a_meta_copy_holds_no_data():
+    net = _tiny_vit()
+    x = _x()
+    before = net(x)
+    trial = module_copy(net)
+    assert trial.heads.head.weight is net.heads.head.weight                  # shared, not copied
+    groups = find_groups(trial, _x(n=1))
+    slim(trial, groups, _random_masks(groups, 2))
+    assert sum(p.numel() for p in trial.parameters()) < sum(p.numel() for p in net.parameters())
+    assert torch.equal(net(x), before)
+    meta = module_copy(net, meta=True)
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert layer_spec(trial, meta) == layer_spec(trial, _tiny_vit())
 
 
 def test_layer_spec_rejects_unknown_types():

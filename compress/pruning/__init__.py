@@ -26,10 +26,10 @@ from compress.pruning.importance import (
 )
 from compress.pruning.latency_model import LatencyModel, LatencyTable, layer_shapes
 from compress.pruning.slim import slim
-from compress.pruning.structure import apply_layer_spec, layer_spec, widths
+from compress.pruning.structure import apply_layer_spec, layer_spec, module_copy, widths
 from compress.pruning.target import check_ratio, select_counts, select_masks, smallest_ratio
 
 __all__ = ["ChannelGroup", "CostModel", "FlopsModel", "Gates", "LatencyModel", "LatencyTable", "SplitAttention",
            "apply_layer_spec", "check_ratio", "find_groups", "group_l2_scores", "group_lasso", "group_sq_norms",
-           "l1_scores", "layer_shapes", "layer_spec", "random_scores", "select_counts", "select_masks", "slim",
-           "smallest_ratio", "split_attention", "units_removed", "widths"]
+           "l1_scores", "layer_shapes", "layer_spec", "module_copy", "random_scores", "select_counts", "select_masks",
+           "slim", "smallest_ratio", "split_attention", "units_removed", "widths"]

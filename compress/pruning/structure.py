@@ -12,6 +12,7 @@ state_dict.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -179,6 +180,24 @@ def apply_layer_spec(net: nn.Module, spec: dict[str, dict[str, Any]]) -> nn.Modu
             raise CompressError(f"model.json: bad attributes for layer {name}: {exc}") from None
         setattr(parent, child, layer.train(parent.training))
     return net
+
+
+def module_copy(net: nn.Module, *, meta: bool = False) -> nn.Module:
+    """A copy of `net`'s modules that shares its parameters and buffers instead of copying them, or with
+    `meta`, holds shape-only (meta) tensors in their place.
+
+    Slimming a shared copy replaces its layers' tensors with new, smaller ones and never writes into
+    the shared ones, so it costs only the slimmed tensors; a meta copy costs nothing and is all that
+    `layer_spec` compares against or a structure check rebuilds onto. (A deep copy of a 630 M-parameter
+    network is 2.5 GB each time.)"""
+    memo: dict[int, torch.Tensor] = {}
+    for t in (*net.parameters(), *net.buffers()):
+        if meta:
+            new = t.to("meta")
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        else:
+            memo[id(t)] = t
+    return copy.deepcopy(net, memo)
 
 
 def widths(net: nn.Module) -> dict[str, int]:
