@@ -140,7 +140,7 @@ def _bounded(mapping: Callable, limit: int) -> Callable:
     def bounded(idxs):
         out = mapping(idxs)
         if len(out) > limit:
-            raise MappingRunaway(f"{type(mapping).__name__} turned {len(idxs)} channel indices into {len(out)}")
+            raise MappingRunaway(f"one step turned {len(idxs)} channel indices into {len(out)}")
         return out
 
     bounded._compress_bounded = True
