@@ -26,6 +26,9 @@ sizes inferred from neighbouring layers and drops the mapping when a consistency
 fails (channels then pass straight through: wrong); `map_concats` maps each input by the shapes
 recorded when the concatenation ran (tracing.py), and maps concatenations along other dimensions
 (tokens) as the identity they are for channels.
+
+A split attention module's per-head tensors (a relative-position-bias table: one column per head) are
+indexed by head, not by channel; `map_head_tensors` maps between the two where they meet the logits.
 """
 
 from __future__ import annotations
