@@ -136,12 +136,13 @@ class Meter:
         self.cost_model: CostModel | None = groups[0].graph.flops_model if groups else None
         if budget.kind == "flops":
             return
+        self.target = budget.table_target()     # resolved and checked once (a backend check may start a process)
         if groups:
             self._tables(module, groups, round_to, say)
         if self.rt.is_main:
             from bench.lut import NetworkTimer
 
-            self.timer = NetworkTimer(module, budget.table_target())
+            self.timer = NetworkTimer(module, self.target)
 
     def _tables(self, module: nn.Module, groups: list[ChannelGroup], round_to: int, say) -> None:
         from bench.lut import build_latency_model
@@ -150,7 +151,7 @@ class Meter:
 
         built = None
         if self.rt.is_main:
-            model, report = build_latency_model(module, groups, self.budget.table_target(), round_to=round_to,
+            model, report = build_latency_model(module, groups, self.target, round_to=round_to,
                                                 points=self.budget.points, cache=TableCache(self.budget.cache_dir),
                                                 say=say)
             built = (model.table, {"table_layers": report.layers, "table_signatures": report.signatures,
@@ -170,8 +171,7 @@ class Meter:
 
     def report(self, module: nn.Module, predicted: float) -> dict[str, Any]:
         """The slim deployable module measured on the latency target against the dense one (report.json keys)."""
-        target = self.budget.table_target()
-        measured = self.measure(module)
+        target, measured = self.target, self.measure(module)
         return {"latency_ratio_target": self.budget.ratio, "latency_ratio": round(measured["latency_ratio"], 6),
                 "latency_ratio_predicted": round(predicted, 6), "latency_backend": target.backend,
                 "latency_threads": target.threads, "latency_batch_size": target.batch_size,
