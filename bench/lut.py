@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from bench.backends import RUNNERS
 from bench.layers import onnx_layer, torch_layer
 from bench.lut_cache import TableCache, TableTarget, check_grid
 from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
+from bench.staircase import channel_block
 from bench.targets import Target
 from compress.errors import CompressError
 from compress.pruning.allocation import AllowedCounts
@@ -57,6 +59,8 @@ class BuildReport:
     points: int                   # grid points measured now
     build_s: float
     network_cached: bool
+    channel_block: int = 1        # bench/staircase.py: widths inside a block cost the whole block
+    step: int = 1                 # the widths tabulated and allowed: multiples of lcm(round_to, channel_block)
     notices: list[str] = field(default_factory=list)
 
 
@@ -85,8 +89,10 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     cache.say = lambda line: (notices.append(line), say(line))
     started = time.perf_counter()
     env = target.environment()
+    block = channel_block(target, cache, say)["block"]
+    step = math.lcm(round_to, block)          # widths inside a block cost the whole block: never stop there
     example = module.normalize(module.example_input(1))
-    needs = layer_shapes(groups, example, round_to, points)
+    needs = layer_shapes(groups, example, step, points)
     keys = [{"kind": "layer", **env, "measure": MEASURE, "layer": n.shape.to_dict(), "cin": n.cin, "cout": n.cout}
             for n in needs]
     found: dict[str, list[list[float]]] = {}
@@ -103,8 +109,8 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     measured_points = _measure_layers(list(missing.values()), target, cache, found, say)
     layers = [LayerTable(n.layer, n.shape, [n.cout[0]] if n.shape.depthwise else n.cin, n.cout,
                          found[cache.path(k).name]) for n, k in zip(needs, keys, strict=True)]
-    network, network_cached = _network(module, groups, target, env, round_to, checks, cache, say)
-    table = LatencyTable(target={**env, "round_to": round_to, "points": points}, layers=layers,
+    network, network_cached = _network(module, groups, target, env, step, checks, cache, say)
+    table = LatencyTable(target={**env, "round_to": round_to, "channel_block": block, "points": points}, layers=layers,
                          dense_ms=network["dense_ms"])
     raw = LatencyModel(groups, table)
     points = [[float(raw.raw_ratio(torch.tensor(c["kept"], dtype=torch.float64))), c["measured_ratio"]]
@@ -119,7 +125,8 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
                              "predicted_ms": round(float(model.cost(kept)), 4),
                              "held_out_ratio": round(float(others.ratio(kept)), 4)})
     report = BuildReport(layers=len(needs), signatures=len(found), measured=len(missing), points=measured_points,
-                         build_s=time.perf_counter() - started, network_cached=network_cached, notices=notices)
+                         build_s=time.perf_counter() - started, network_cached=network_cached, channel_block=block,
+                         step=step, notices=notices)
     return model, report
 
 
@@ -146,7 +153,7 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
         task = bars.add_task("latency tables", total=len(todo), metrics="") if bars else None
         for i, (need, key) in enumerate(todo):
             grid = _grid_points(need)
-            contenders = [_layer_contender(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")
+            contenders = [layer_contender(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")
                           for copies in (1, 2) for j, (ci, co) in enumerate(grid)]
             measure_interleaved(contenders, target.batch_size, settings)
             medians = [to_result(c, target.backend, target.batch_size).summary.median_ms for c in contenders]
@@ -172,7 +179,7 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
     return total
 
 
-def _layer_contender(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
+def layer_contender(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
                      index: str) -> Contender:
     label = f"{need.layer}@{cin}x{cout}" + ("-twin" if copies == 2 else "")
     if target.backend in ONNX_BACKENDS:

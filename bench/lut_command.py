@@ -114,7 +114,8 @@ def summary_lines(latency: LatencyModel, report: BuildReport) -> list[str]:
     lines = [f"tables: {report.layers} layers, {report.signatures} distinct signatures "
              f"({report.measured} measured now, {report.points} widths; {report.signatures - report.measured} "
              f"from the cache) in {report.build_s:.1f} s",
-             f"whole dense network: {t.dense_ms:.3f} ms measured{' (cached)' if report.network_cached else ''}"]
+             f"whole dense network: {t.dense_ms:.3f} ms measured{' (cached)' if report.network_cached else ''}",
+             _block_line(report)]
     for c in t.checks:
         error = c["held_out_ratio"] / c["measured_ratio"] - 1
         lines.append(f"check, every group at {c['fraction']:.0%} of its width: measured ratio "
@@ -124,11 +125,19 @@ def summary_lines(latency: LatencyModel, report: BuildReport) -> list[str]:
     return lines
 
 
+def _block_line(report: BuildReport) -> str:
+    if report.channel_block == 1:
+        return "channel block: none found (latency falls with every channel probed); widths move in --round-to steps"
+    return (f"channel block: {report.channel_block} channels (a width inside a block costs the whole block), so "
+            f"widths move in steps of {report.step}")
+
+
 def table_json(latency: LatencyModel, name: str, report: BuildReport) -> dict[str, Any]:
     t = latency.table
     return {"model": name, "target": t.target, "dense_ms": t.dense_ms,
             "calibration": t.calibration, "checks": t.checks,
             "build_s": round(report.build_s, 2), "measured_signatures": report.measured,
+            "channel_block": report.channel_block, "step": report.step,
             "signatures": report.signatures,
             "layers": [{"layer": layer.layer, "shape": layer.shape.to_dict(), "cin": layer.cin, "cout": layer.cout,
                         "ms": layer.ms} for layer in t.layers]}

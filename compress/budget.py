@@ -156,6 +156,7 @@ class Meter:
                                                 say=say)
             built = (model.table, {"table_layers": report.layers, "table_signatures": report.signatures,
                                    "table_measured": report.measured, "table_build_s": round(report.build_s, 2),
+                                   "channel_block": model.channel_step,
                                    "table_checks": model.table.checks})
         table, self.build = self.rt.broadcast_object(built)
         self.cost_model = LatencyModel(groups, table)

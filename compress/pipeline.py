@@ -42,7 +42,7 @@ from compress.methods.base import PruneContext, SearchResult, get_method
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.slim import slim
 from compress.pruning.structure import layer_spec, module_copy, widths
-from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, smallest_ratio
+from compress.pruning.target import ALLOCATIONS, SCOPES, mask_overlap, smallest_ratio, step_note
 from compress.runs import Stopwatch, build_module, is_run, load, read_spec
 from compress.runtime import current
 from compress.sparse import SparseConfig, sparse_train
@@ -239,8 +239,9 @@ def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[st
         dense_part = (f"; {len(excluded)} coupled group(s) cannot be pruned and stay at full width, e.g. "
                       f"{excluded[0][0]}: {excluded[0][1]}" if excluded else "")
         where = f"; {meter.cost_model.describe()}" if budget.kind == "latency" else ""
-        raise CompressError(f"{budget.flag} {budget.ratio} is unreachable for {spec['model']} with --round-to "
-                            f"{s['round_to']}: the smallest reachable is {lowest:.4f} (every group at its minimum "
+        raise CompressError(f"{budget.flag} {budget.ratio} is unreachable for {spec['model']} with "
+                            f"{step_note(meter.cost_model, s['round_to'])}: the smallest reachable is {lowest:.4f} "
+                            f"(every group at its minimum "
                             f"width{dense_part}{where})")
     ctx = PruneContext(module=module, data=bundle, groups=groups, cost_model=meter.cost_model, ratio=budget.ratio,
                        scope=s["scope"], round_to=s["round_to"], seed=s["seed"], lr=s["lr"],

@@ -12,7 +12,7 @@ from compress.pruning import find_groups, l1_scores, random_scores
 from compress.pruning.allocation import AllowedCounts, cumulative_values
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerTable, _piecewise, layer_shapes
-from compress.pruning.target import knapsack_floor, knapsack_values, select_counts, select_masks
+from compress.pruning.target import knapsack_floor, knapsack_values, select_counts, select_masks, smallest_ratio
 
 
 def _x(size=16):
@@ -130,6 +130,23 @@ def test_select_masks_on_latency(resnet20):
     assert abs(model.ratio_of_masks(masks) - 0.6) <= 0.02
     with pytest.raises(CompressError, match=r"--latency-ratio 0.01 is unreachable .* smallest reachable is"):
         select_masks(l1_scores(groups), groups, model, 0.01, round_to=8)
+
+
+def test_a_channel_block_keeps_widths_at_its_multiples(resnet20):
+    """A target whose latency steps every 16 channels: selection never stops inside a block (--round-to 8
+    alone would allow 8, 24, 40, 56), and the smallest reachable ratio rises accordingly."""
+    _net, groups = resnet20
+    table = _table(groups, round_to=16, points=4)
+    table.target["channel_block"] = 16
+    blocked, plain = LatencyModel(groups, table), LatencyModel(groups, _table(groups, round_to=8, points=4))
+    assert blocked.channel_step == 16 and plain.channel_step == 1
+    for allocation in ("rank", "knapsack"):
+        masks = select_masks(l1_scores(groups), groups, blocked, 0.6, round_to=8, allocation=allocation)
+        kept = {g.id: int(masks[g.id].sum()) * g.unit_channels for g in groups}
+        assert all(k % 16 == 0 or k == g.width * g.unit_channels for g in groups for k in [kept[g.id]]), kept
+    assert smallest_ratio(groups, blocked, 8) > smallest_ratio(groups, plain, 8)
+    with pytest.raises(CompressError, match=r"steps of 16: the target's channel block is 16"):
+        select_masks(l1_scores(groups), groups, blocked, 0.01, round_to=8)
 
 
 # ------------------------------------------------------------------ knapsack

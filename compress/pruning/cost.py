@@ -31,6 +31,9 @@ class CostModel(ABC):
 
     name: ClassVar[str]          # "flops" or "latency": report keys and messages
     flag: ClassVar[str]          # the CLI flag whose ratio it measures, for error messages
+    # The cost steps only every this many channels (a backend's channel block, bench/staircase.py): a width
+    # inside a step costs the whole step, so target selection keeps widths at multiples of it (and --round-to).
+    channel_step: int = 1
 
     def __init__(self, groups: list[ChannelGroup]):
         self.ids = [g.id for g in groups]

@@ -221,6 +221,7 @@ class LatencyModel(CostModel):
     def __init__(self, groups: list[ChannelGroup], table: LatencyTable):
         super().__init__(groups)
         self.table = table
+        self.channel_step = int(table.target.get("channel_block", 1))
         by_name = {t.layer: t for t in table.layers}
         self.layers = LayerWidths(groups, lambda name: name in by_name)
         tables = [by_name[n] for n in self.layers.names]

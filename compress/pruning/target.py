@@ -9,7 +9,8 @@ measured latency) is closest to R.
   linearised and solved greedily, its LP gap reported), every group keeping at least a quarter of
   its units where the target allows (`_floor`).
 - `scope="local"`: every group keeps the same fraction of its units, solved so the total hits R.
-- `round_to=K`: every group keeps a number of channels that is a multiple of K, or its full width.
+- `round_to=K`: every group keeps a number of channels that is a multiple of K, or its full width; and
+  of the cost model's `channel_step` too (a latency target's channel block: `allowed_counts`).
 
 For the ranking the ratio is monotone in the number of removed units, so a bisection over the
 ranking (global) or the kept fraction (local) finds the two configurations bracketing R; the closer
@@ -21,6 +22,8 @@ then departs from the common fraction by those blocks).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,7 +40,20 @@ MIN_KEEP = 0.25     # knapsack: every group keeps at least this share of its uni
 
 def smallest_ratio(groups: list[ChannelGroup], cost_model: CostModel, round_to: int = 8) -> float:
     """The estimated cost ratio with every group at its smallest allowed width."""
-    return float(cost_model.ratio(AllowedCounts(groups, round_to).minimum)) if groups else 1.0
+    return float(cost_model.ratio(allowed_counts(groups, cost_model, round_to).minimum)) if groups else 1.0
+
+
+def allowed_counts(groups: list[ChannelGroup], cost_model: CostModel, round_to: int) -> AllowedCounts:
+    """The widths a group may keep: multiples of --round-to and of the cost model's channel step (a width
+    inside a backend's channel block costs the whole block, so stopping there only loses channels)."""
+    return AllowedCounts(groups, math.lcm(round_to, cost_model.channel_step) if round_to >= 1 else round_to)
+
+
+def step_note(cost_model: CostModel, round_to: int) -> str:
+    """How the allowed widths step, for messages: "--round-to 8", or with the backend's channel block."""
+    step = math.lcm(round_to, cost_model.channel_step)
+    return f"--round-to {round_to}" + (f" (widths in steps of {step}: the target's channel block is "
+                                       f"{cost_model.channel_step})" if step != round_to else "")
 
 
 def check_ratio(ratio: float, flag: str = "--flops-ratio") -> None:
@@ -87,10 +103,11 @@ def select_counts(scores: dict[str, torch.Tensor], groups: list[ChannelGroup], c
         if ratio < 1.0:
             raise CompressError(f"this model has no prunable channel groups; the only reachable {flag} is 1")
         return torch.zeros(0, dtype=torch.float64)
-    allowed = AllowedCounts(groups, round_to)
+    allowed = allowed_counts(groups, cost_model, round_to)
     lowest = float(cost_model.ratio(allowed.minimum))
     if ratio < lowest - 1e-9:
-        raise CompressError(f"{flag} {ratio} is unreachable for this model with --round-to {round_to}: the smallest "
+        raise CompressError(f"{flag} {ratio} is unreachable for this model with {step_note(cost_model, round_to)}: "
+                            f"the smallest "
                             f"reachable is {lowest:.4f} (every group at its minimum width; {cost_model.describe()})")
     vals = [scores[g.id].detach().to(device="cpu", dtype=torch.float64).flatten() for g in groups]
     for g, v in zip(groups, vals, strict=True):
