@@ -18,6 +18,7 @@ docs/latency.json and the generated blocks of docs/latency.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -132,21 +133,22 @@ def _dense(config: LatencyStudyConfig, model: str, work: Path) -> Path:
 
 
 def _prune(config: LatencyStudyConfig, model: str, out: Path, *, threads: int, flops_ratio: float | None = None,
-           latency_ratio: float | None = None, scope: str = "global") -> dict[str, Any]:
+           latency_ratio: float | None = None, scope: str = "global", round_to: int | None = None) -> dict[str, Any]:
     from compress.pipeline import prune_run
 
+    round_to = round_to or config.round_to
     key = {"model": model, "image_size": config.image_size, "method": config.method, "flops_ratio": flops_ratio,
            "latency_ratio": latency_ratio, "threads": threads if latency_ratio else None,
-           "batch_size": config.batch_size, "scope": scope, "round_to": config.round_to, "clock": config.clock}
+           "batch_size": config.batch_size, "scope": scope, "round_to": round_to, "clock": config.clock}
     latency = {} if latency_ratio is None else {"latency_ratio": latency_ratio, "latency_backend": "onnxruntime",
                                                 "latency_threads": threads, "latency_batch_size": config.batch_size,
                                                 "latency_cache": config.cache_dir,
                                                 "latency_clock": config.clock}
-    console.rule(f"[bold]{model}: " + (f"--flops-ratio {flops_ratio}" if flops_ratio else
+    console.rule(f"[bold]{model}: " + (f"--flops-ratio {flops_ratio} --round-to {round_to}" if flops_ratio else
                                        f"--latency-ratio {latency_ratio:.4f} ({threads} thread(s))"))
     report, _reused = reuse_or_run(out, key, lambda: prune_run(
         out, data=DATA, method=config.method, model=model, image_size=config.image_size, flops_ratio=flops_ratio,
-        scope=scope, round_to=config.round_to, finetune_epochs=0, bn_recalibration=False, seed=0, batch_size=8,
+        scope=scope, round_to=round_to, finetune_epochs=0, bn_recalibration=False, seed=0, batch_size=8,
         **latency), fresh=config.fresh)
     return report
 
@@ -205,11 +207,23 @@ def _capacity_model(config: LatencyStudyConfig, model: str, threads: int, work: 
     level = round(_speedups(first)[str(flops_run)]["latency_ratio"], 4)
     latency_run = work / model / f"latency-at-flops-{config.flops_ratio:g}-t{threads}"
     latency_report = _prune(config, model, latency_run, threads=threads, latency_ratio=level)
-    doc = bench([dense, flops_run, latency_run], threads, config.batch_size, config.bench_duration,
+    # the same FLOPs target with widths at the channel block the latency tables found: how much of the
+    # latency-targeted network's gain the block alone gives, and how much the allocation adds
+    step = math.lcm(config.round_to, latency_report.get("latency_table", {}).get("channel_block", 1))
+    blocked_run = work / model / f"flops-{config.flops_ratio:g}-{config.flops_scope}-r{step}"
+    blocked_report = _prune(config, model, blocked_run, threads=threads, flops_ratio=config.flops_ratio,
+                            scope=config.flops_scope, round_to=step) if step != config.round_to else None
+    runs = [dense, flops_run, latency_run] + ([blocked_run] if blocked_report else [])
+    doc = bench(runs, threads, config.batch_size, config.bench_duration,
                 work / model / f"bench-capacity-t{threads}-{config.clock}.json", config.clock)
     ups = _speedups(doc)
     f, lat = ups[str(flops_run)], ups[str(latency_run)]
-    return {"model": model, "threads": threads, "latency_level": level,
+    blocked = None
+    if blocked_report:
+        b = ups[str(blocked_run)]
+        blocked = {"round_to": step, "flops_ratio": blocked_report["flops_ratio"],
+                   "latency_ratio": round(b["latency_ratio"], 4), "fidelity": round(b["fidelity"], 4)}
+    return {"model": model, "threads": threads, "latency_level": level, "flops_targeted_blocked": blocked,
             "flops_targeted": {"flops_ratio": flops_report["flops_ratio"],
                                "latency_ratio": round(f["latency_ratio"], 4), "fidelity": round(f["fidelity"], 4)},
             "latency_targeted": {"flops_ratio": latency_report["flops_ratio"],
@@ -268,18 +282,22 @@ def _capacity_md(results: dict[str, Any]) -> str:
                   f"{statistics.median(fid_f):.2f} (FLOPs-targeted) → {statistics.median(fid_l):.2f} "
                   "(latency-targeted).", "",
                   "| model | FLOPs-targeted: FLOPs ratio | its latency ratio L | fidelity | latency-targeted "
-                  "(--latency-ratio L): FLOPs ratio | its latency ratio | fidelity | FLOPs kept ×|",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "(--latency-ratio L): FLOPs ratio | its latency ratio | fidelity | FLOPs kept × | "
+                  "FLOPs-targeted at the block's round-to: latency ratio | fidelity |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            f, lat = r["flops_targeted"], r["latency_targeted"]
+            f, lat, b = r["flops_targeted"], r["latency_targeted"], r.get("flops_targeted_blocked")
+            blocked = f"{b['latency_ratio']:.3f} (round-to {b['round_to']}) | {b['fidelity']:.2f}" if b else "- | -"
             lines.append(f"| {r['model']} | {f['flops_ratio']:.3f} | {f['latency_ratio']:.3f} | {f['fidelity']:.2f} | "
                          f"{lat['flops_ratio']:.3f} | {lat['latency_ratio']:.3f} | {lat['fidelity']:.2f} | "
-                         f"{r['flops_kept']:.2f} |")
+                         f"{r['flops_kept']:.2f} | {blocked} |")
         lines.append("")
     lines += [f"FLOPs-targeted: `--method {c['method']} --scope {c['flops_scope']} --flops-ratio "
               f"{c['flops_ratio']:g}`; latency-targeted: `--method {c['method']} --latency-ratio L` (knapsack "
               "allocation), L = the FLOPs-targeted network's latency ratio measured by `compress bench` at the "
-              "same threads.", "", _load_line(results)]
+              "same threads. The last two columns: the FLOPs target again with `--round-to` raised to the channel "
+              "block the latency tables found on the target (bench/staircase.py), measured in the same bench "
+              "session: what the block alone gives without a latency-aware allocation.", "", _load_line(results)]
     return "\n".join(lines)
 
 
