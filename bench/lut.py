@@ -38,6 +38,7 @@ from compress.errors import CompressError
 from compress.pruning.allocation import AllowedCounts
 from compress.pruning.groups import ChannelGroup, find_groups
 from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerNeed, LayerTable, layer_shapes
+from compress.pruning.latency_stages import fit_stage_scales, stage_allocations
 from compress.pruning.slim import slim
 
 DEFAULT_POINTS = 6
@@ -61,6 +62,7 @@ class BuildReport:
     network_cached: bool
     channel_block: int = 1        # bench/staircase.py: widths inside a block cost the whole block
     step: int = 1                 # the widths tabulated and allowed: multiples of lcm(round_to, channel_block)
+    block_probe: dict[str, Any] = field(default_factory=dict)   # the timings the block was decided from
     notices: list[str] = field(default_factory=list)
 
 
@@ -89,7 +91,8 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     cache.say = lambda line: (notices.append(line), say(line))
     started = time.perf_counter()
     env = target.environment()
-    block = channel_block(target, cache, say)["block"]
+    probe = channel_block(target, cache, say)
+    block = probe["block"]
     step = math.lcm(round_to, block)          # widths inside a block cost the whole block: never stop there
     example = module.normalize(module.example_input(1))
     needs = layer_shapes(groups, example, step, points)
@@ -109,9 +112,12 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
     measured_points = _measure_layers(list(missing.values()), target, cache, found, say)
     layers = [LayerTable(n.layer, n.shape, [n.cout[0]] if n.shape.depthwise else n.cin, n.cout,
                          found[cache.path(k).name]) for n, k in zip(needs, keys, strict=True)]
-    network, network_cached = _network(module, groups, target, env, step, checks, cache, say)
     table = LatencyTable(target={**env, "round_to": round_to, "channel_block": block, "points": points}, layers=layers,
-                         dense_ms=network["dense_ms"])
+                         dense_ms=0.0)
+    stages = stage_allocations(LatencyModel(groups, table), AllowedCounts(groups, step))
+    network, network_cached = _network(module, groups, target, env, step, checks, stages, cache, say)
+    table.dense_ms = network["dense_ms"]
+    table.scales, table.stages = fit_stage_scales(LatencyModel(groups, table), network["stages"])
     raw = LatencyModel(groups, table)
     points = [[float(raw.raw_ratio(torch.tensor(c["kept"], dtype=torch.float64))), c["measured_ratio"]]
               for c in network["checks"]]
@@ -126,7 +132,7 @@ def build_latency_model(module: nn.Module, groups: list[ChannelGroup], target: T
                              "held_out_ratio": round(float(others.ratio(kept)), 4)})
     report = BuildReport(layers=len(needs), signatures=len(found), measured=len(missing), points=measured_points,
                          build_s=time.perf_counter() - started, network_cached=network_cached, channel_block=block,
-                         step=step, notices=notices)
+                         step=step, block_probe=probe, notices=notices)
     return model, report
 
 
@@ -276,32 +282,38 @@ def uniform_variant(module: nn.Module, groups: list[ChannelGroup], kept: torch.T
     return trial
 
 
-def _network(module, groups, target: TableTarget, env, round_to: int, checks, cache: TableCache, say
-             ) -> tuple[dict[str, Any], bool]:
-    """Dense latency and the check networks' measured ratios (cached like the tables)."""
+def _network(module, groups, target: TableTarget, env, round_to: int, checks, stages: list[tuple[str, torch.Tensor]],
+             cache: TableCache, say) -> tuple[dict[str, Any], bool]:
+    """Dense latency, the uniform check networks' measured ratios and the stage networks' savings
+    (compress.pruning.latency_stages), all in one interleaved session, cached like the tables."""
     allowed = AllowedCounts(groups, round_to)
     widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
     kept = [allowed.round_up(torch.ceil(widths * f - 1e-9)) for f in checks] if groups else []
-    key = {"kind": "network", **env, "network": fingerprint(module), "round_to": round_to, "checks": list(checks)}
+    key = {"kind": "network", **env, "network": fingerprint(module), "round_to": round_to, "checks": list(checks),
+           "stages": [[name, k.tolist()] for name, k in stages]}
 
     def usable(p) -> str | None:
         ok = isinstance(p, dict) and isinstance(p.get("dense_ms"), (int, float)) and p["dense_ms"] > 0 \
-            and isinstance(p.get("checks"), list) and len(p["checks"]) == len(kept)
-        return None if ok else "expected the dense latency and one entry per check"
+            and isinstance(p.get("checks"), list) and len(p["checks"]) == len(kept) \
+            and isinstance(p.get("stages"), list) and len(p["stages"]) == len(stages)
+        return None if ok else "expected the dense latency and one entry per check and per stage"
 
     payload = cache.get(key, check=usable)
     if payload is not None:
         return payload, True
-    say(f"measuring the whole network on {target.describe()}"
-        + (f" (dense and {len(kept)} check network(s))" if kept else ""))
+    say(f"measuring the whole network on {target.describe()} (dense, {len(kept)} uniformly slimmed, "
+        f"{len(stages)} with one stage slimmed)")
     with NetworkTimer(module, target) as timer:
-        variants = [uniform_variant(module, groups, k) for k in kept]
+        variants = [uniform_variant(module, groups, k) for k in kept + [k for _name, k in stages]]
         results = timer.compare(variants)
     dense = results[0].summary.median_ms
     payload = {"dense_ms": dense, "dense_cv": results[0].summary.cv, "measured_utc": _now(),
                "checks": [{"fraction": f, "kept": k.tolist(), "measured_ms": r.summary.median_ms,
                            "measured_ratio": round(r.summary.median_ms / dense, 4)}
-                          for f, k, r in zip(checks, kept, results[1:], strict=True)]}
+                          for f, k, r in zip(checks, kept, results[1:], strict=False)],
+               "stages": [{"stage": name, "kept": k.tolist(), "measured_ms": r.summary.median_ms,
+                           "saving_ms": dense - r.summary.median_ms}
+                          for (name, k), r in zip(stages, results[1 + len(kept):], strict=True)]}
     cache.put(key, payload)
     return payload, False
 

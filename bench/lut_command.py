@@ -14,6 +14,7 @@ from bench.lut import DEFAULT_POINTS, BuildReport, build_latency_model
 from bench.lut_cache import TableCache, TableTarget
 from compress.errors import CompressError
 from compress.pruning.latency_model import LatencyModel
+from compress.pruning.latency_stages import STAGE_FRACTION
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -116,6 +117,10 @@ def summary_lines(latency: LatencyModel, report: BuildReport) -> list[str]:
              f"from the cache) in {report.build_s:.1f} s",
              f"whole dense network: {t.dense_ms:.3f} ms measured{' (cached)' if report.network_cached else ''}",
              _block_line(report)]
+    for st in t.stages:
+        lines.append(f"stage {st['stage']} (its groups at {STAGE_FRACTION:.0%} of their width, the rest dense): "
+                     f"measured saving {st['saving_ms']:.3f} ms, tables alone {st['tables_saving_ms']:.3f} ms; "
+                     f"correction ×{st['factor']:.2f}")
     for c in t.checks:
         error = c["held_out_ratio"] / c["measured_ratio"] - 1
         lines.append(f"check, every group at {c['fraction']:.0%} of its width: measured ratio "
@@ -126,18 +131,22 @@ def summary_lines(latency: LatencyModel, report: BuildReport) -> list[str]:
 
 
 def _block_line(report: BuildReport) -> str:
+    probes = "; ".join(f"{p['kernel']}x{p['kernel']} conv at {p['size']} px: "
+                       + ", ".join(f"{w}→{ms:.3f}" for w, ms in zip(p["widths"], p["ms"], strict=True))
+                       for p in report.block_probe.get("probes", []))
+    probes = f" (probe, width→ms: {probes})" if probes else ""
     if report.channel_block == 1:
-        return "channel block: none found (latency falls with every channel probed); widths move in --round-to steps"
+        return f"channel block: none found, widths move in --round-to steps{probes}"
     return (f"channel block: {report.channel_block} channels (a width inside a block costs the whole block), so "
-            f"widths move in steps of {report.step}")
+            f"widths move in steps of {report.step}{probes}")
 
 
 def table_json(latency: LatencyModel, name: str, report: BuildReport) -> dict[str, Any]:
     t = latency.table
     return {"model": name, "target": t.target, "dense_ms": t.dense_ms,
-            "calibration": t.calibration, "checks": t.checks,
+            "calibration": t.calibration, "checks": t.checks, "stages": t.stages,
             "build_s": round(report.build_s, 2), "measured_signatures": report.measured,
-            "channel_block": report.channel_block, "step": report.step,
+            "channel_block": report.channel_block, "step": report.step, "block_probe": report.block_probe,
             "signatures": report.signatures,
             "layers": [{"layer": layer.layer, "shape": layer.shape.to_dict(), "cin": layer.cin, "cout": layer.cout,
                         "ms": layer.ms} for layer in t.layers]}

@@ -11,7 +11,15 @@ from compress.models import create_model
 from compress.pruning import find_groups, l1_scores, random_scores
 from compress.pruning.allocation import AllowedCounts, cumulative_values
 from compress.pruning.flops_model import FlopsModel
-from compress.pruning.latency_model import LatencyModel, LatencyTable, LayerTable, _piecewise, layer_shapes
+from compress.pruning.latency_model import (
+    LatencyModel,
+    LatencyTable,
+    LayerTable,
+    _piecewise,
+    layer_shapes,
+    monotone_envelope,
+)
+from compress.pruning.latency_stages import fit_stage_scales, stage_allocations
 from compress.pruning.target import knapsack_floor, knapsack_values, select_counts, select_masks, smallest_ratio
 
 
@@ -147,6 +155,38 @@ def test_a_channel_block_keeps_widths_at_its_multiples(resnet20):
     assert smallest_ratio(groups, blocked, 8) > smallest_ratio(groups, plain, 8)
     with pytest.raises(CompressError, match=r"steps of 16: the target's channel block is 16"):
         select_masks(l1_scores(groups), groups, blocked, 0.01, round_to=8)
+
+
+def test_tables_are_made_monotone_in_width():
+    """A narrower layer never costs more than a wider one (it could run as the wider one)."""
+    z = torch.tensor([[[1.0, 3.0, 2.0], [0.5, 4.0, 5.0], [2.0, 2.5, 6.0]]], dtype=torch.float64)
+    out = monotone_envelope(z)
+    assert out.tolist() == [[[0.5, 2.0, 2.0], [0.5, 2.5, 5.0], [2.0, 2.5, 6.0]]]
+    assert bool((out[:, 1:, :] >= out[:, :-1, :]).all() and (out[:, :, 1:] >= out[:, :, :-1]).all())
+
+
+def test_stage_corrections_recover_known_factors(resnet20):
+    """Networks whose measured savings are the tables' savings × a known factor per stage: the fit
+    returns those factors, and the corrected model predicts the stage networks exactly."""
+    _net, groups = resnet20
+    model = LatencyModel(groups, _table(groups, round_to=8, points=4))
+    truth = {"16x16": 1.0, "8x8": 1.6, "4x4": 0.7, "1": 1.0}     # "1": the classifier, no network of its own
+    assert set(model.stage) == set(truth)
+    factor = torch.tensor([truth[s] for s in model.stage], dtype=torch.float64)
+    runs = stage_allocations(model, AllowedCounts(groups, 8))
+    assert [name for name, _ in runs] == ["16x16", "8x8", "4x4"]
+    measured = [{"stage": name, "kept": kept.tolist(),
+                 "saving_ms": float(((model.layer_ms(model.widths) - model.layer_ms(kept)) * factor).sum())}
+                for name, kept in runs]
+    scales, report = fit_stage_scales(model, measured)
+    assert [r["factor"] for r in report] == pytest.approx([1.0, 1.6, 0.7], abs=1e-3)
+    table = model.table
+    table.scales = scales
+    corrected = LatencyModel(groups, table)
+    for m in measured:
+        kept = torch.tensor(m["kept"], dtype=torch.float64)
+        saving = float(corrected.tables_ms(corrected.widths) - corrected.tables_ms(kept))
+        assert saving == pytest.approx(m["saving_ms"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ knapsack

@@ -122,6 +122,8 @@ def test_latency_table_command_reuses_the_cache(built, tmp_path):
     assert "0 measured now" in r.stdout and "(cached)" in r.stdout and "from the other checks" in r.stdout
     doc = json.loads((tmp_path / "t.json").read_text())
     assert doc["layers"] and doc["dense_ms"] > 0 and doc["target"]["backend"] == "onnxruntime"
+    assert "channel block:" in r.stdout and doc["channel_block"] == doc["target"]["channel_block"]
+    assert doc["step"] % 8 == 0 and doc["step"] % doc["channel_block"] == 0 and len(doc["block_probe"]["probes"]) == 2
     bad = CliRunner().invoke(main, [*args[:-4], "--points", "1"])
     assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0 and "--points" in bad.stderr
 

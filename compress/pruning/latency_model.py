@@ -86,6 +86,8 @@ class LatencyTable:
     dense_ms: float                   # the whole dense network, measured
     calibration: list[list[float]] = field(default_factory=list)   # [raw ratio, measured ratio] of pruned networks
     checks: list[dict[str, Any]] = field(default_factory=list)   # predicted vs measured whole networks
+    scales: dict[str, float] = field(default_factory=dict)       # layer -> stage correction (latency_stages.py)
+    stages: list[dict[str, Any]] = field(default_factory=list)   # how each stage's correction was measured
 
 
 @dataclass
@@ -234,6 +236,9 @@ class LatencyModel(CostModel):
             grid = torch.tensor(t.ms, dtype=torch.float64)
             grid = torch.cat([grid, grid[-1:].expand(longest - grid.shape[0], -1)], 0)
             self.z[e] = torch.cat([grid, grid[:, -1:].expand(-1, longest - grid.shape[1])], 1)
+        self.z = monotone_envelope(self.z)
+        self.scale = torch.tensor([table.scales.get(n, 1.0) for n in self.layers.names], dtype=torch.float64)
+        self.stage = [layer_stage(t.shape) for t in tables]
         self.covered = float(self.tables_ms(self.widths))
         self._dense = float(table.dense_ms)
         self.knots_x, self.knots_y = calibration_knots(table.calibration)
@@ -255,11 +260,38 @@ class LatencyModel(CostModel):
         return self.tables_ms(kept) / self.covered
 
     def tables_ms(self, kept: torch.Tensor) -> torch.Tensor:
-        """Σ over tabulated layers of their interpolated latency ([..., ] like kept without the G dim)."""
+        """Σ over tabulated layers of their interpolated latency, each times its stage's correction
+        ([..., ] like kept without the G dim)."""
+        return (self.layer_ms(kept) * self.scale).sum(-1)
+
+    def layer_ms(self, kept: torch.Tensor) -> torch.Tensor:
+        """Every tabulated layer's interpolated latency as measured alone, uncorrected ([..., E])."""
         kept = kept.to(device="cpu", dtype=torch.float64)   # the model lives on the CPU
         cout = self.layers.out_width(kept)
         cin = torch.where(self.tied, cout, self.layers.in_width(kept))
-        return _bilinear(self.xs, self.ys, self.z, cin, cout).sum(-1)
+        return _bilinear(self.xs, self.ys, self.z, cin, cout)
+
+
+def monotone_envelope(z: torch.Tensor) -> torch.Tensor:
+    """Grids [E, cin, cout] made non-decreasing in both widths: each point becomes the least latency at
+    that width or any wider one. A narrower layer can always run as the wider one with zero channels,
+    so a measured point above a wider one is noise or a kernel's bad size, and an allocation that
+    believed it would see a saving in widening a layer (ResNet-18 at 7×7 px, 2 threads: 0.947 ms
+    measured at 512×512 channels, 1.023 ms at 416×512)."""
+    for dim in (1, 2):
+        z = torch.flip(torch.cummin(torch.flip(z, (dim,)), dim).values, (dim,))
+    return z
+
+
+def layer_stage(shape: LayerShape) -> str:
+    """The stage a layer belongs to: its output resolution ("28x28"; a Linear layer's token grid, e.g. "197")."""
+    if shape.op == "linear":
+        return "x".join(map(str, shape.input_shape[:-1])) or "1"
+    size = []
+    for i, n in enumerate(shape.input_shape[1:]):
+        k, st, pad, dil = shape.kernel[i], shape.stride[i], shape.padding[i], shape.dilation[i]
+        size.append((n + 2 * pad - dil * (k - 1) - 1) // st + 1)
+    return "x".join(map(str, size))
 
 
 def calibration_knots(points: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
