@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -178,14 +179,23 @@ def _budget_model(config: LatencyStudyConfig, model: str, work: Path) -> dict[st
     threads = config.threads[0]
     dense = _dense(config, model, work)
     runs = {r: work / model / f"latency-{r:g}-t{threads}" for r in config.ratios}
-    reports = {r: _prune(config, model, out, threads=threads, latency_ratio=r) for r, out in runs.items()}
-    doc = bench([dense, *runs.values()], threads, config.batch_size, config.bench_duration,
+    reports, rows = {}, []
+    for r, out in runs.items():
+        try:
+            reports[r] = _prune(config, model, out, threads=threads, latency_ratio=r)
+        except CompressError as e:        # the pipeline's one-line refusal names the smallest reachable ratio
+            if "unreachable" not in str(e):
+                raise
+            console.print(f"{model} at {r:g}: {e}", highlight=False)
+            smallest = re.search(r"smallest reachable is ([0-9.]+)", str(e))
+            rows.append({"ratio": r, "unreachable": True, "within": False,
+                         "smallest_reachable": float(smallest.group(1)) if smallest else None})
+    doc = bench([dense, *[runs[r] for r in reports]], threads, config.batch_size, config.bench_duration,
                 work / model / f"bench-budget-t{threads}-{config.clock}.json", config.clock)
     ups = _speedups(doc)
     dense_ms = next(r["median_ms"] for r in doc["results"] if r["target"] == str(dense))
-    rows = []
-    for r, out in runs.items():
-        up, rep = ups[str(out)], reports[r]
+    for r, rep in reports.items():
+        up = ups[str(runs[r])]
         rows.append({"ratio": r, "measured": round(up["latency_ratio"], 4),
                      "error": round(up["latency_ratio"] / r - 1, 4), "within": abs(up["latency_ratio"] / r - 1)
                      <= TOLERANCE, "pipeline_measured": rep.get("latency_ratio"),
@@ -193,6 +203,7 @@ def _budget_model(config: LatencyStudyConfig, model: str, work: Path) -> dict[st
                      "fidelity": round(up["fidelity"], 4), "calibration_rounds": len(rep.get("calibration", [])),
                      "prune_s": rep["wall_time_s"], "table_s": rep.get("latency_table", {}).get("table_build_s"),
                      "pruned_ms": up["median_ms"], "cv": up["cv"], "oversubscribed": up["oversubscribed"]})
+    rows.sort(key=lambda row: -row["ratio"])
     return {"model": model, "threads": threads, "dense_ms": dense_ms, "rows": rows,
             "loadavg": doc["host"].get("load_average_1m_before")}
 
@@ -259,6 +270,10 @@ def _budget_md(results: dict[str, Any]) -> str:
              "FLOPs ratio | fidelity | calibration rounds | prune s | table build s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("unreachable"):
+            lines.append(f"| {r['model']} | {r['dense_ms']:.2f} | {r['ratio']:g} | unreachable ✗ (smallest "
+                         f"reachable {_f(r['smallest_reachable'])}: every group at its narrowest) |" + " - |" * 8)
+            continue
         lines.append(f"| {r['model']} | {r['dense_ms']:.2f} | {r['ratio']:g} | {r['measured']:.3f} | "
                      f"{r['error']:+.1%}{'' if r['within'] else ' ✗'} | {_f(r['pipeline_measured'])} | "
                      f"{_f(r['predicted'])} | {r['flops_ratio']:.3f} | {r['fidelity']:.2f} | {r['calibration_rounds']} "

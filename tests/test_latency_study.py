@@ -14,14 +14,16 @@ from cli import main
 
 def test_budget_and_capacity_write_json_and_doc(tmp_path):
     docs, work = tmp_path / "docs", tmp_path / "work"
-    args = ["latency-study", "--budget-models", "resnet20", "--capacity-models", "resnet20", "--ratios", "0.6",
+    args = ["latency-study", "--budget-models", "resnet20", "--capacity-models", "resnet20", "--ratios", "0.6,0.01",
             "--flops-ratio", "0.5", "--threads", "1", "--clock", "cpu", "--image-size", "16", "--bench-duration",
             "0.05", "--work", str(work), "--docs", str(docs), "--cache-dir", str(tmp_path / "cache")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     results = json.loads((docs / "latency.json").read_text())
     (budget,) = results["budget"]
-    (row,) = budget["rows"]
+    row, refused = budget["rows"]                  # 0.01 is below every group at its narrowest: recorded, not fatal
+    assert refused["ratio"] == 0.01 and refused["unreachable"] and 0.01 < refused["smallest_reachable"] < 1
+    assert not (work / "resnet20" / "latency-0.01-t1").exists()
     assert row["ratio"] == 0.6 and row["measured"] > 0 and row["predicted"] is not None
     assert row["within"] == (abs(row["measured"] / 0.6 - 1) <= 0.07)
     (capacity,) = results["capacity"]["1"]
@@ -29,6 +31,7 @@ def test_budget_and_capacity_write_json_and_doc(tmp_path):
     assert capacity["latency_targeted"]["predicted"] is not None and capacity["flops_kept"] > 0
     doc = (docs / "latency.md").read_text()
     assert "thread CPU time" in doc and "| resnet20 |" in doc and "latency-study:capacity:end" in doc
+    assert "unreachable ✗ (smallest reachable" in doc and "of 2 within" in doc
 
     before = (work / "resnet20" / "latency-0.6-t1" / "report.json").stat().st_mtime_ns
     res = CliRunner().invoke(main, [*args, "--parts", "budget"])      # the prune is reused, capacity kept
