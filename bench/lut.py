@@ -46,7 +46,8 @@ MEASURE = "twin-minus-single"      # how a grid point's latency is obtained (ben
 FLOOR = 0.05                       # a marginal cost below this share of the single layer's time is noise
 CHECK_FRACTIONS = (0.75, 0.5, 0.35)   # calibration networks: every group at this share of its width
 ONNX_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
-LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005}
+LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005,
+                  "watch_contention": False}
 NETWORK_SETTINGS = {"warmup_s": 0.3, "warmup_iters": 5, "min_time_s": 1.5, "min_iters": 10}
 
 

@@ -36,6 +36,10 @@ class Settings:
     block_s: float = 0.01
     clock: str = "wall"  # or "cpu": thread CPU time, one thread only (bench.runners.CLOCKS)
     tf32: bool = False  # let fp32 math round to TF32 on the CUDA backends that offer the choice
+    # Account each block's run-queue wait (bench.contention) to flag oversubscribed results. Latency tables
+    # turn it off: they report no per-point flag, and with ~70 ONNX Runtime sessions alive (each with its
+    # thread pool) one account reads hundreds of /proc files, ~1 ms against 5 ms blocks.
+    watch_contention: bool = True
 
     def __post_init__(self):
         if self.threads < 1:
@@ -124,16 +128,16 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
     while not all(_done(c, settings) for c in contenders):
         for c in order:
             if c.count < settings.max_iters:
-                _measure_block(c, min(c.block, settings.max_iters - c.count))
+                _measure_block(c, min(c.block, settings.max_iters - c.count), settings.watch_contention)
         order.reverse()
         if progress:
             progress(min(_fraction(c, settings) for c in contenders))
 
 
-def _measure_block(c: Contender, iterations: int) -> None:
-    waited, started = run_queue_wait_ns(), time.perf_counter_ns()
+def _measure_block(c: Contender, iterations: int, watch: bool = True) -> None:
+    waited, started = run_queue_wait_ns() if watch else None, time.perf_counter_ns()
     c.samples.append(c.runner.time(c.batch, iterations))
-    elapsed, waited_after = time.perf_counter_ns() - started, run_queue_wait_ns()
+    elapsed, waited_after = time.perf_counter_ns() - started, run_queue_wait_ns() if watch else None
     c.measured_ns += elapsed
     if waited is None or waited_after is None or c.wait_ns is None:
         c.wait_ns = None

@@ -32,7 +32,8 @@ PROBE_LAYERS = (                        # (kernel, spatial size): the two kinds 
     (3, 28),
     (1, 14),
 )
-PROBE_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.1, "min_iters": 8, "block_s": 0.005}
+PROBE_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.1, "min_iters": 8, "block_s": 0.005,
+                  "watch_contention": False}
 PROBE_VERSION = 1
 
 

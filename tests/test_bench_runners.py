@@ -380,6 +380,8 @@ def test_results_under_cpu_contention_are_marked_oversubscribed(files):
         run = benchmark(targets, backends=["onnxruntime"], settings=replace(FAST, min_time_s=0.3), resamples=100)
         cpu_clock = benchmark(targets, backends=["onnxruntime"], settings=replace(FAST, min_time_s=0.3, clock="cpu"),
                               resamples=100)
+        unwatched = benchmark(targets, backends=["onnxruntime"],
+                              settings=replace(FAST, min_time_s=0.3, watch_contention=False), resamples=100)
     finally:
         os.sched_setaffinity(0, before)
         spinner.kill()
@@ -390,3 +392,6 @@ def test_results_under_cpu_contention_are_marked_oversubscribed(files):
     # thread CPU time leaves the waiting out: the wait is recorded, the figure is not marked
     (immune,) = cpu_clock.results
     assert immune.cpu_wait > OVERSUBSCRIBED_WAIT and not immune.oversubscribed
+    # latency tables do not account the wait (watch_contention=False): it is unknown (None), and not flagged
+    (blind,) = unwatched.results
+    assert blind.cpu_wait is None and not blind.oversubscribed
