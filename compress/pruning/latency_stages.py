@@ -1,9 +1,9 @@
 """Per-stage corrections of latency tables, from whole networks with one stage slimmed.
 
 A layer timed on its own is not the layer inside the network. On ONNX Runtime CPU at 2 threads,
-ResNet-18 at 224 px (tables from bench/lut.py; networks timed whole, dense against slimmed,
-interleaved), slimming the inner groups of one stage to half their width saved 1.09 ms at 56×56 px
-where the tables predicted 1.82 ms, and 3.36 ms at 7×7 px where they predicted 2.28 ms. A single
+ResNet-18 at 224 px (`compress latency-table --model resnet18 --image-size 224 --threads 2` prints
+these), slimming the groups of one stage to a quarter of their width saved 4.06 ms at 56×56 px where
+the tables predicted 4.14 ms, but 6.13 ms at 7×7 px where they predicted 3.13 ms. A single
 calibration map fitted on uniformly slimmed networks cannot see such errors, since uniform slimming
 moves every stage alike; a knapsack allocation is far from uniform, and it spent exactly where the
 tables were wrong (it cut the early stages to their floor and kept the 7×7 stage whole, and the
@@ -44,12 +44,12 @@ def group_stages(model: LatencyModel) -> list[str | None]:
 def stage_allocations(model: LatencyModel, allowed: AllowedCounts) -> list[tuple[str, torch.Tensor]]:
     """(stage, kept units per group) for every stage: its groups at STAGE_FRACTION, the others dense."""
     stages = group_stages(model)
-    half = allowed.round_up(torch.ceil(model.widths * STAGE_FRACTION - 1e-9))
+    narrow = allowed.round_up(torch.ceil(model.widths * STAGE_FRACTION - 1e-9))
     out = []
     for stage in dict.fromkeys(s for s in stages if s is not None):
         kept = model.widths.clone()
         members = torch.tensor([s == stage for s in stages])
-        kept[members] = half[members]
+        kept[members] = narrow[members]
         if bool((kept < model.widths).any()):
             out.append((stage, kept))
     return out
@@ -67,12 +67,13 @@ def fit_stage_scales(model: LatencyModel, measured: list[dict[str, Any]]) -> tup
         return {}, []
     names = list(dict.fromkeys(m["stage"] for m in measured))    # stages without a network of their own keep 1
     dense_layers = model.layer_ms(model.widths)
-    rows, savings, report = [], [], []
+    rows, savings, predicted = [], [], []
     for m in measured:
         saved = dense_layers - model.layer_ms(torch.tensor(m["kept"], dtype=torch.float64))
         rows.append([float(saved[[s == r for s in model.stage]].sum()) for r in names])
         fixed = float(saved[[s not in names for s in model.stage]].sum())
         savings.append(float(m["saving_ms"]) - fixed)
+        predicted.append(float(saved.sum()))
     a, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(savings, dtype=torch.float64)
     movable = a.sum(0) > MIN_SAVING_SHARE * float(dense_layers.sum())
     factors = torch.ones(len(names), dtype=torch.float64)
@@ -80,8 +81,6 @@ def fit_stage_scales(model: LatencyModel, measured: list[dict[str, Any]]) -> tup
         solved = torch.linalg.lstsq(a[:, movable], b.unsqueeze(1)).solution.flatten()
         factors[movable] = solved.clamp(*SCALE_RANGE)
     by_stage = {s: 1.0 for s in model.stage} | dict(zip(names, factors.tolist(), strict=True))
-    for m in measured:
-        saved = dense_layers - model.layer_ms(torch.tensor(m["kept"], dtype=torch.float64))
-        report.append({"stage": m["stage"], "saving_ms": round(float(m["saving_ms"]), 4),
-                       "tables_saving_ms": round(float(saved.sum()), 4), "factor": round(by_stage[m["stage"]], 4)})
+    report = [{"stage": m["stage"], "saving_ms": round(float(m["saving_ms"]), 4), "tables_saving_ms": round(p, 4),
+               "factor": round(by_stage[m["stage"]], 4)} for m, p in zip(measured, predicted, strict=True)]
     return {name: by_stage[stage] for name, stage in zip(model.layers.names, model.stage, strict=True)}, report
