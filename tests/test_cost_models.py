@@ -9,7 +9,7 @@ import torch
 from compress.errors import CompressError
 from compress.models import create_model
 from compress.pruning import find_groups, l1_scores, random_scores
-from compress.pruning.allocation import AllowedCounts, cumulative_values
+from compress.pruning.allocation import AllowedCounts
 from compress.pruning.flops_model import FlopsModel
 from compress.pruning.latency_model import (
     LatencyModel,
@@ -20,7 +20,7 @@ from compress.pruning.latency_model import (
     monotone_envelope,
 )
 from compress.pruning.latency_stages import fit_stage_scales, stage_allocations
-from compress.pruning.target import knapsack_floor, knapsack_values, select_counts, select_masks, smallest_ratio
+from compress.pruning.target import knapsack_floor, knapsack_worth, select_counts, select_masks, smallest_ratio
 
 
 def _x(size=16):
@@ -193,24 +193,52 @@ def test_stage_corrections_recover_known_factors(resnet20):
 
 
 def test_knapsack_is_near_the_exhaustive_optimum(resnet20):
-    """round-to 16 leaves 4096 allocations: enumerate them all and compare values at equal budget."""
+    """round-to 16 leaves 4096 allocations: enumerate them all and compare worth at equal budget."""
     _net, groups = resnet20
     fm = FlopsModel.for_groups(groups)
     for seed in range(3):
         scores = random_scores(groups, seed)
-        vals = knapsack_values([scores[g.id].double() / scores[g.id].double().mean() for g in groups], groups)
-        cum = cumulative_values(vals)
+        worth = knapsack_worth([scores[g.id].double() / scores[g.id].double().mean() for g in groups], groups)
         for target in (0.55, 0.7):
             allowed = AllowedCounts(groups, 16)
             allowed = allowed.at_least(knapsack_floor(groups, allowed, fm, target))
             grid = torch.cartesian_prod(*[torch.tensor(r, dtype=torch.float64) for r in allowed.rows])
-            values = sum(cum[g][grid[:, g].long()] for g in range(len(groups)))
             kept = select_counts(scores, groups, fm, target, round_to=16, allocation="knapsack")
             ratio = float(fm.ratio(kept))
-            value = sum(float(cum[g][int(kept[g])]) for g in range(len(groups)))
-            best = float(values[fm.ratio(grid) <= max(ratio, target) + 1e-9].max())
-            assert abs(ratio - target) <= 0.03 and value >= 0.98 * best
+            best = float(worth(grid)[fm.ratio(grid) <= max(ratio, target) + 1e-9].max())
+            assert abs(ratio - target) <= 0.03 and float(worth(kept)) >= 0.98 * best
             assert all(int(kept[i]) >= allowed.rows[i][0] for i in range(len(groups)))      # the floor holds
+
+
+def test_knapsack_worth_is_the_flops_ratio_when_scores_are_equal(resnet20):
+    """Equal scores: every unit is worth the same, so the weighted FLOPs are the FLOPs (bilinear in the
+    widths: halving two neighbouring groups keeps a quarter of the layer between them)."""
+    _net, groups = resnet20
+    fm = FlopsModel.for_groups(groups)
+    worth = knapsack_worth([torch.ones(g.width, dtype=torch.float64) for g in groups], groups)
+    kept = torch.stack([fm.widths, torch.ceil(fm.widths / 2), torch.ceil(fm.widths / 4)])
+    assert worth(kept).tolist() == pytest.approx(fm.ratio(kept).tolist(), rel=1e-9)
+
+
+def test_knapsack_takes_uniform_pruning_where_it_is_worth_more(resnet20):
+    """The greedy is not optimal. Under a latency model blind to resolution (every layer costs in × out
+    × kernel, at any size; worth is FLOPs, which are not) the chosen allocation is never worth less than
+    uniform pruning to the same cost, and the report says which one was taken."""
+    _net, groups = resnet20
+    model = LatencyModel(groups, _table(groups, round_to=8, points=4))
+    scores = l1_scores(groups)
+    worth = knapsack_worth([scores[g.id].double() / scores[g.id].double().mean() for g in groups], groups)
+    for target in (0.4, 0.6):
+        report: dict = {}
+        kept = select_counts(scores, groups, model, target, round_to=8, allocation="knapsack", report=report)
+        uniform = select_counts(scores, groups, model, target, round_to=8, scope="local")
+        assert float(model.ratio(kept)) <= target + 0.005 + 1e-9
+        if float(model.ratio(uniform)) <= target + 0.005:
+            assert float(worth(kept)) >= float(worth(uniform)) - 1e-9
+        choice = report["knapsack_choice"]
+        assert report[f"knapsack_worth_{choice}"] == pytest.approx(float(worth(kept)) / float(worth(model.widths)),
+                                                                   abs=1e-5)
+        assert report[f"knapsack_worth_{choice}"] >= report[f"knapsack_worth_{choice}_start"]   # exchanges only gain
 
 
 def test_knapsack_needs_global_scope(resnet20):
