@@ -123,7 +123,8 @@ def summary_lines(latency: LatencyModel, report: BuildReport) -> list[str]:
                      f"correction ×{st['factor']:.2f}")
     for c in t.checks:
         error = c["held_out_ratio"] / c["measured_ratio"] - 1
-        lines.append(f"check, every group at {c['fraction']:.0%} of its width: measured ratio "
+        share = f"{c['fraction']:.0%} of its width" if c["fraction"] else "its narrowest allowed width"
+        lines.append(f"check, every group at {share}: measured ratio "
                      f"{c['measured_ratio']:.3f} ({c['measured_ms']:.3f} ms); predicted "
                      f"{c['held_out_ratio']:.3f} from the other checks "
                      f"(error {error:+.1%}); tables alone {c['raw_ratio']:.3f}")

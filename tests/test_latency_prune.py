@@ -33,13 +33,13 @@ def test_prune_to_a_latency_ratio(method, cache, tmp_path):
     extra = {"pass": ["--hypernet-epochs", "1"],
              "vpns": ["--warmup-epochs", "0", "--score-epochs", "1"]}.get(method, [])
     out = tmp_path / "run"
-    res = _prune("--method", method, "--latency-ratio", "0.6", *LATENCY, "--latency-cache", cache, *extra,
+    res = _prune("--method", method, "--latency-ratio", "0.8", *LATENCY, "--latency-cache", cache, *extra,
                  "--out", str(out))
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= REPORT_KEYS and report["target"] == "latency" and report["allocation"] == "knapsack"
     assert report["flops_ratio_target"] is None and 0 < report["flops_ratio"] < 1
-    assert report["latency_ratio_target"] == 0.6 and report["latency_backend"] == "onnxruntime"
+    assert report["latency_ratio_target"] == 0.8 and report["latency_backend"] == "onnxruntime"
     assert 0 < report["latency_ratio"] < 1.2 and 0 < report["latency_ratio_predicted"] < 1
     assert report["latency_ms"] > 0 and report["latency_dense_ms"] > 0 and report["calibration"]
     assert "latency" in report["stages_s"] and "latency ratio" not in res.stderr
@@ -53,7 +53,7 @@ def test_prune_to_a_latency_ratio(method, cache, tmp_path):
 def test_bench_shows_the_latency_target_error(cache, tmp_path):
     dense = tmp_path / "dense"
     pruned = tmp_path / "pruned"
-    for out, ratio in ((dense, ["--flops-ratio", "1.0"]), (pruned, ["--latency-ratio", "0.6", *LATENCY,
+    for out, ratio in ((dense, ["--flops-ratio", "1.0"]), (pruned, ["--latency-ratio", "0.8", *LATENCY,
                                                                      "--latency-cache", cache])):
         res = _prune("--method", "l1", *ratio, "--out", str(out))
         assert res.exit_code == 0, res.output
@@ -61,10 +61,10 @@ def test_bench_shows_the_latency_target_error(cache, tmp_path):
     res = CliRunner().invoke(main, ["bench", str(dense), str(pruned), "--backend", "onnxruntime", "--threads", "1",
                                     "--duration", "0.05", "--min-iters", "3", "--warmup", "0", "--json", str(doc)])
     assert res.exit_code == 0, res.output
-    assert re.search(r"\d\.\d{3} \(0\.6,", res.stdout), res.stdout    # the latency ratio (its target, …)
+    assert re.search(r"\d\.\d{3} \(0\.8,", res.stdout), res.stdout    # the latency ratio (its target, …)
     (up,) = json.loads(doc.read_text())["speedups"]
-    assert up["latency_ratio_target"] == 0.6 and up["latency_target_error"] == pytest.approx(
-        up["latency_ratio"] / 0.6 - 1)
+    assert up["latency_ratio_target"] == 0.8 and up["latency_target_error"] == pytest.approx(
+        up["latency_ratio"] / 0.8 - 1)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,6 +23,7 @@ from cli import main
 from compress.errors import CompressError
 from compress.models import default_adapt
 from compress.pruning import find_groups
+from compress.pruning.allocation import AllowedCounts
 from compress.pruning.latency_model import LayerShape
 from compress.runs import build_module, build_spec
 
@@ -48,7 +49,10 @@ def test_tables_are_measured_then_reused(built):
     cache_dir, model, report = built
     assert report.measured == report.signatures > 0 and report.points > 0 and not report.network_cached
     assert all(v > 0 for layer in model.table.layers for row in layer.ms for v in row)
-    assert model.dense > 0 and len(model.table.checks) == 3 and len(model.table.calibration) == 3
+    assert model.dense > 0 and len(model.table.checks) == 4 and len(model.table.calibration) == 4
+    _module, groups = _resnet20()
+    narrowest = model.table.checks[-1]                  # the floor is measured, not extrapolated
+    assert narrowest["fraction"] == 0 and narrowest["kept"] == AllowedCounts(groups, report.step).minimum.tolist()
     assert all(0 < c["measured_ratio"] < 1.5 and c["held_out_ratio"] > 0 for c in model.table.checks)
     module, groups = _resnet20()
     again, second = build_latency_model(module, groups, TARGET, round_to=8, points=2, cache=TableCache(cache_dir))
