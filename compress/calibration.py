@@ -74,7 +74,8 @@ def choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: S
         record["calibration"] = [{"aim": round(budget.ratio, 6), "estimate": round(estimate, 6), "confirmed": None}]
         return masks, estimate
     best, best_err, rounds = None, float("inf"), []
-    aim = budget.ratio
+    lowest = smallest_ratio(groups, model, round_to)
+    aim = max(budget.ratio, lowest)   # a target just under the floor (the pipeline allows a little) aims at it
     for _ in range(budget.calibration_rounds):
         kept = select_counts(result.scores, groups, model, aim, scope=scope, round_to=round_to,
                              normalize=result.normalize, allocation=allocation, report=record)
@@ -87,8 +88,7 @@ def choose_masks(module: DeployableModule, groups: list[ChannelGroup], result: S
         if budget.within(real) or (budget.kind == "flops" and tokens is None and abs(real - estimate) < 1e-3):
             break   # on target, or the model was exact and only round-to granularity is left
         # never below what the cost model can reach (every group at its minimum width)
-        aim = max(smallest_ratio(groups, model, round_to), next_aim([(r["aim"], r["confirmed"]) for r in rounds],
-                                                                    budget.ratio))
+        aim = max(lowest, next_aim([(r["aim"], r["confirmed"]) for r in rounds], budget.ratio))
         if any(abs(aim - r["aim"]) < 1e-6 for r in rounds):
             break   # the same selection again: nothing left to correct
     record["calibration"] = rounds

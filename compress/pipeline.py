@@ -243,7 +243,8 @@ def _select(module: DeployableModule, bundle: DataBundle, method_obj, s: dict[st
                             f"{step_note(meter.cost_model, s['round_to'])}: the smallest reachable is {lowest:.4f} "
                             f"(every group at its minimum "
                             f"width{dense_part}{where})")
-    ctx = PruneContext(module=module, data=bundle, groups=groups, cost_model=meter.cost_model, ratio=budget.ratio,
+    ctx = PruneContext(module=module, data=bundle, groups=groups, cost_model=meter.cost_model,
+                       ratio=max(budget.ratio, lowest),   # just under the floor (allowed above): the floor
                        scope=s["scope"], round_to=s["round_to"], seed=s["seed"], lr=s["lr"],
                        batch_size=s["batch_size"], stopwatch=watch, checkpoint=progress, allocation=s["allocation"])
     sparse_report = None

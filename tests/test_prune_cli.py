@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,19 @@ def test_ratio_outside_unit_interval(digits_run, tmp_path, ratio):
 def test_unreachable_ratio_gives_the_smallest(digits_run, tmp_path):
     _refused(tmp_path, ["--from", str(digits_run), "--data", "digits", "--method", "l1", "--flops-ratio", "0.01"],
              "the smallest reachable is")
+
+
+def test_a_ratio_just_under_the_floor_prunes_to_the_floor(tmp_path):
+    """Within the pipeline's tolerance below the smallest reachable ratio: every group at its narrowest,
+    not a refusal from target selection."""
+    res = _prune("--model", "resnet20", "--data", "synthetic:40", "--method", "l1", "--flops-ratio", "0.01",
+                 "--finetune-epochs", "0", "--out", str(tmp_path / "never"))
+    smallest = float(re.search(r"smallest reachable is ([0-9.]+)", res.output).group(1))
+    out = tmp_path / "floor"
+    res = _prune("--model", "resnet20", "--data", "synthetic:40", "--method", "l1", "--flops-ratio",
+                 f"{smallest - 0.01:.4f}", "--finetune-epochs", "0", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["flops_ratio"] == pytest.approx(smallest, abs=0.02)
 
 
 def test_unreachable_ratio_names_the_groups_left_dense(tmp_path):
