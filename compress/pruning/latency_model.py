@@ -20,6 +20,7 @@ layers a network needs tables for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,7 +119,7 @@ def layer_shapes(groups: list[ChannelGroup], example_input: torch.Tensor, round_
     needs = []
     for e, name in enumerate(layers.names):
         shape = shapes[name]
-        step = _lcm(round_to, shape.groups)
+        step = math.lcm(round_to, shape.groups)
         variable_in = bool(layers.has_in[e]) and not shape.depthwise
         cout = _grid(int(low_out[e]), shape.cout, step, points) if layers.a_out[e].any() else [shape.cout]
         cin = _grid(int(low_in[e]), shape.cin, step, points) if variable_in else [shape.cin]
@@ -134,12 +135,6 @@ def _is_tabulated(net: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return isinstance(mod, (nn.Conv2d, nn.Linear))
-
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return a * b // math.gcd(a, b)
 
 
 def _grid(low: int, dense: int, step: int, points: int) -> list[int]:
