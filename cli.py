@@ -343,7 +343,8 @@ def latency_table(**kw) -> None:
 
 
 @main.command("latency-study", context_settings=CONTEXT)
-@click.option("--parts", default="budget,capacity", show_default=True, help="Which experiments: budget, capacity.")
+@click.option("--parts", default="budget,capacity", show_default=True,
+              help="Which experiments: budget, capacity, accuracy (needs --parent).")
 @click.option("--budget-models", default=",".join(("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf",
                                                    "convnext_tiny")), show_default=True)
 @click.option("--ratios", default="0.5,0.3", show_default=True, help="--latency-ratio targets of the budget part.")
@@ -365,15 +366,28 @@ def latency_table(**kw) -> None:
               help="Where latency.md (generated blocks) and latency.json are written.")
 @click.option("--cache-dir", type=click.Path(), help="Latency table cache  [default: as compress latency-table]")
 @click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
+@click.option("--parent", type=click.Path(), help="accuracy: the trained run pruned both ways (e.g. the dense run "
+              "of `compress study`, runs/study/dense).")
+@click.option("--data", default="fashion-mnist", show_default=True, help="accuracy: the parent's dataset.")
+@click.option("--accuracy-methods", default="l1,pass", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="accuracy: one pair of prunes per method and seed.")
+@click.option("--accuracy-flops-ratio", default=0.25, show_default=True, type=float,
+              help="accuracy: the FLOPs target whose measured latency the latency-targeted prune aims at.")
+@click.option("--subset", default=3000, show_default=True, type=int,
+              help="accuracy: training images for the search and fine-tuning (validation: the full split).")
+@click.option("--finetune-epochs", default=2, show_default=True, type=int,
+              help="accuracy: fine-tuning epochs, the same for both prunes.")
 @handle_errors
 def latency_study(**kw) -> None:
     """Run the latency-budget acceptance experiments and write docs/latency.md and docs/latency.json.
 
     budget: prune each model with --latency-ratio R and measure the result with `compress bench`.
     capacity: at the latency a --flops-ratio prune reaches, compare it with a --latency-ratio prune
-    (FLOPs kept, speedup fidelity). Wall-clock figures need a quiet machine; on a shared one use
-    --threads 1 --clock cpu.
+    (FLOPs kept, speedup fidelity). accuracy: prune a trained --parent both ways to the same measured
+    latency, fine-tune alike, compare accuracy. Wall-clock figures need a quiet machine; on a shared one
+    use --threads 1 --clock cpu.
     """
+    from compress.latency_accuracy import AccuracySettings
     from compress.latency_study import LatencyStudyConfig, run_latency_study
     from compress.study import parse_list
 
@@ -384,7 +398,12 @@ def latency_study(**kw) -> None:
                                 ratios=parse_list(kw["ratios"]), capacity_models=names(kw["capacity_models"]),
                                 flops_ratio=kw["flops_ratio"], threads=parse_list(kw["threads"], int),
                                 clock=kw["clock"], image_size=kw["image_size"], bench_duration=kw["bench_duration"],
-                                work=kw["work"], docs=kw["docs"], cache_dir=kw["cache_dir"], fresh=kw["fresh"])
+                                work=kw["work"], docs=kw["docs"], cache_dir=kw["cache_dir"], fresh=kw["fresh"],
+                                accuracy=AccuracySettings(parent=kw["parent"], data=kw["data"],
+                                                          methods=names(kw["accuracy_methods"]),
+                                                          seeds=parse_list(kw["seeds"], int),
+                                                          flops_ratio=kw["accuracy_flops_ratio"],
+                                                          subset=kw["subset"], finetune_epochs=kw["finetune_epochs"]))
     results = run_latency_study(config)
     click.echo(f"wrote {config.docs}/latency.md and latency.json ({results['wall_s']:.0f} s)")
 

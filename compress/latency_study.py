@@ -9,6 +9,8 @@
   (knapsack allocation over the measured latency tables); both measured against the dense model in
   one bench session: at equal measured latency, how much more of the dense FLOPs does the
   latency-targeted network keep, and how does speedup fidelity change?
+- **accuracy** (compress/latency_accuracy.py): a trained parent pruned both ways to the same measured
+  latency and fine-tuned alike: which keeps more accuracy?
 
 Every prune goes through `compress.pipeline.prune_run` and every measurement through `compress bench`
 (`python -m cli bench … --json`); runs with the same settings are reused. Results go to
@@ -25,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,13 @@ from rich.console import Console
 
 from compress.errors import CompressError
 from compress.files import write_atomic, write_generated_block
+from compress.latency_accuracy import AccuracySettings, accuracy_md, accuracy_rows
 from compress.study import reuse_or_run
 
 BUDGET_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny")
 CAPACITY_MODELS = BUDGET_MODELS + ("resnet18", "densenet121", "mobilenet_v3_small")
-PARTS = ("budget", "capacity")
+PARTS = ("budget", "capacity", "accuracy")
+DEFAULT_PARTS = ("budget", "capacity")
 DATA = "synthetic:40"          # latency does not depend on the weights; a few images keep evaluation cheap
 TOLERANCE = 0.07
 console = Console(stderr=True)
@@ -45,7 +49,7 @@ console = Console(stderr=True)
 
 @dataclass
 class LatencyStudyConfig:
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = DEFAULT_PARTS
     budget_models: tuple[str, ...] = BUDGET_MODELS
     ratios: tuple[float, ...] = (0.5, 0.3)
     capacity_models: tuple[str, ...] = CAPACITY_MODELS
@@ -62,6 +66,7 @@ class LatencyStudyConfig:
     docs: str = "docs"
     cache_dir: str | None = None
     fresh: bool = False
+    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
 
     def check(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -75,6 +80,8 @@ class LatencyStudyConfig:
             raise CompressError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.clock == "cpu" and set(self.threads) != {1}:
             raise CompressError("--clock cpu times the calling thread's CPU time, so it needs --threads 1")
+        if "accuracy" in self.parts:
+            self.accuracy.check()
 
 
 def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
@@ -89,6 +96,7 @@ def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
                          or "budget" not in config.parts]
     results["capacity"] = {t: [m for m in rows if m["model"] not in config.capacity_models
                                or "capacity" not in config.parts] for t, rows in previous.get("capacity", {}).items()}
+    results["accuracy"] = [] if "accuracy" in config.parts else previous.get("accuracy", [])
 
     def save() -> None:              # after every model: an interrupted study keeps what it measured
         results.update(loadavg_end=_loadavg(), wall_s=round(time.perf_counter() - started, 1))
@@ -105,6 +113,10 @@ def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
             for m in config.capacity_models:
                 rows.append(_capacity_model(config, m, t, work))
                 save()
+    if "accuracy" in config.parts:
+        for row in accuracy_rows(config, work):
+            results["accuracy"].append(row)
+            save()
     save()
     return results
 
@@ -169,7 +181,7 @@ def bench(runs: list[Path], threads: int, batch_size: int, duration: float, out:
     return json.loads(out.read_text())
 
 
-def _speedups(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def speedups_of(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     results = {r["target"]: r for r in doc["results"]}
     return {s["target"]: {**s, "median_ms": results[s["target"]]["median_ms"], "cv": results[s["target"]]["cv"],
                           "oversubscribed": results[s["target"]].get("oversubscribed")} for s in doc["speedups"]}
@@ -192,7 +204,7 @@ def _budget_model(config: LatencyStudyConfig, model: str, work: Path) -> dict[st
                          "smallest_reachable": float(smallest.group(1)) if smallest else None})
     doc = bench([dense, *[runs[r] for r in reports]], threads, config.batch_size, config.bench_duration,
                 work / model / f"bench-budget-t{threads}-{config.clock}.json", config.clock)
-    ups = _speedups(doc)
+    ups = speedups_of(doc)
     dense_ms = next(r["median_ms"] for r in doc["results"] if r["target"] == str(dense))
     for r, rep in reports.items():
         up = ups[str(runs[r])]
@@ -215,7 +227,7 @@ def _capacity_model(config: LatencyStudyConfig, model: str, threads: int, work: 
                           scope=config.flops_scope)
     first = bench([dense, flops_run], threads, config.batch_size, config.bench_duration,
                   work / model / f"bench-flops-t{threads}-{config.clock}.json", config.clock)
-    level = round(_speedups(first)[str(flops_run)]["latency_ratio"], 4)
+    level = round(speedups_of(first)[str(flops_run)]["latency_ratio"], 4)
     latency_run = work / model / f"latency-at-flops-{config.flops_ratio:g}-t{threads}"
     latency_report = _prune(config, model, latency_run, threads=threads, latency_ratio=level)
     # the same FLOPs target with widths at the channel block the latency tables found: how much of the
@@ -227,7 +239,7 @@ def _capacity_model(config: LatencyStudyConfig, model: str, threads: int, work: 
     runs = [dense, flops_run, latency_run] + ([blocked_run] if blocked_report else [])
     doc = bench(runs, threads, config.batch_size, config.bench_duration,
                 work / model / f"bench-capacity-t{threads}-{config.clock}.json", config.clock)
-    ups = _speedups(doc)
+    ups = speedups_of(doc)
     f, lat = ups[str(flops_run)], ups[str(latency_run)]
     blocked = None
     if blocked_report:
@@ -252,7 +264,7 @@ END = "<!-- latency-study:{part}:end -->"
 
 
 def _write_doc(results: dict[str, Any], path: Path) -> None:
-    for part, body in (("budget", _budget_md), ("capacity", _capacity_md)):
+    for part, body in (("budget", _budget_md), ("capacity", _capacity_md), ("accuracy", accuracy_md)):
         if results.get(part):
             write_generated_block(path, BEGIN.format(part=part), END.format(part=part), body(results),
                                   new_file="# Pruning to a measured latency budget\n")
