@@ -371,7 +371,7 @@ def latency_table(**kw) -> None:
 @click.option("--data", default="fashion-mnist", show_default=True, help="accuracy: the parent's dataset.")
 @click.option("--accuracy-methods", default="l1,pass", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="accuracy: one pair of prunes per method and seed.")
-@click.option("--accuracy-flops-ratio", default=0.25, show_default=True, type=float,
+@click.option("--accuracy-flops-ratio", default=0.5, show_default=True, type=float,
               help="accuracy: the FLOPs target whose measured latency the latency-targeted prune aims at.")
 @click.option("--subset", default=3000, show_default=True, type=int,
               help="accuracy: training images for the search and fine-tuning (validation: the full split).")

@@ -26,7 +26,7 @@ class AccuracySettings:
     data: str = "fashion-mnist"
     methods: tuple[str, ...] = ("l1", "pass")
     seeds: tuple[int, ...] = (0, 1, 2)
-    flops_ratio: float = 0.25
+    flops_ratio: float = 0.5            # at 0.25 the FLOPs target's 8-channel layers beat the latency floor
     subset: int = 3000                   # training images for the search and fine-tuning (val: the full split)
     finetune_epochs: int = 2
     lr: float = 0.01
