@@ -201,6 +201,9 @@ def models() -> None:
 @click.option("--duration", default=2.0, show_default=True, type=float,
               help="Minimum measured seconds per target, backend and batch size.")
 @click.option("--min-iters", default=10, show_default=True, type=int, help="Minimum measured runs per target.")
+@click.option("--sessions", default=3, show_default=True, type=int, help="ONNX Runtime CPU: load each target this "
+              "many times and pool the samples (--duration is split between them). One session's latency moves by a "
+              "few percent with where its buffers land; pooling keeps that out of the ratios.")
 @click.option("--tf32/--no-tf32", default=False, show_default=True, help="Let fp32 convolutions and matmuls round "
               "to TF32 on the CUDA backends (torch-cuda, ort-cuda, tensorrt builds). Off: fp32 means fp32 everywhere; "
               "ort-trt cannot turn it off. Each result records it.")

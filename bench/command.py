@@ -35,7 +35,7 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
                   threads: int | None = None, json_path: str | None = None, plot: str | None = None,
                   baseline: str | None = None, max_regression: float | None = None,
                   min_speedup: float | None = None, alpha: float = 0.01, clock: str | None = None, warmup: float = 0.2,
-                  duration: float = 2.0, min_iters: int = 10, tf32: bool = False,
+                  duration: float = 2.0, min_iters: int = 10, sessions: int = 3, tf32: bool = False,
                   out: Console | None = None) -> BenchRun:
     """Run one bench; raises CheckFailed (exit 1) after writing all output when the gate fails."""
     out = out or _stdout()
@@ -59,7 +59,7 @@ def bench_command(targets: Sequence[str], *, backend: str | None = None, batch_s
                             "without export metadata and engine files have none)")
     threads, clock = _threads_and_clock(threads, clock, gate, saved_settings)
     settings = Settings(threads=threads, warmup_s=warmup, min_time_s=duration, min_iters=min_iters, clock=clock,
-                        tf32=tf32)
+                        tf32=tf32, sessions=sessions)
 
     from compress.progress import console
 

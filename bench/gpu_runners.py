@@ -201,6 +201,7 @@ class OrtCudaRunner(OrtRunner):
 
     name = "ort-cuda"
     device = "cuda"
+    pools_sessions = False
     provider = "CUDAExecutionProvider"
 
     def timing(self) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 from bench.backends import RUNNERS
 from bench.layers import onnx_layer, torch_layer
 from bench.lut_cache import TableCache, TableTarget, check_grid
-from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
+from bench.measure import Contender, Result, Settings, load_sessions, measure_interleaved, sessions_of, to_results
 from bench.staircase import channel_block
 from bench.targets import Target
 from compress.errors import CompressError
@@ -52,7 +52,7 @@ CHECK_FRACTIONS = (0.75, 0.5, 0.35, 0.0)
 ONNX_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005,
                   "watch_contention": False}
-NETWORK_SETTINGS = {"warmup_s": 0.3, "warmup_iters": 5, "min_time_s": 1.5, "min_iters": 10}
+NETWORK_SETTINGS = {"warmup_s": 0.3, "warmup_iters": 5, "min_time_s": 2.0, "min_iters": 10, "sessions": 3}
 
 
 @dataclass
@@ -167,7 +167,7 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
             contenders = [layer_contender(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")
                           for copies in (1, 2) for j, (ci, co) in enumerate(grid)]
             measure_interleaved(contenders, target.batch_size, settings)
-            medians = [to_result(c, target.backend, target.batch_size).summary.median_ms for c in contenders]
+            medians = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
             single, twin = medians[:len(grid)], medians[len(grid):]
             marginal = [max(t - s, FLOOR * s) for s, t in zip(single, twin, strict=True)]
             cols = len(need.cout)
@@ -208,10 +208,8 @@ def module_target(label: str, module: nn.Module) -> Target:
 
 
 def _load(tgt: Target, target: TableTarget, scratch: Path) -> Contender:
-    runner = _runner_class(target)(target.threads, scratch, target.clock)
-    start = time.perf_counter()
-    runner.load(tgt)
-    return Contender(tgt, runner, load_ms=(time.perf_counter() - start) * 1000)
+    cls = _runner_class(target)
+    return load_sessions(tgt, lambda: cls(target.threads, scratch, target.clock), 1)[0]
 
 
 def _runner_class(target: TableTarget):
@@ -252,9 +250,11 @@ class NetworkTimer:
         """Dense first, then `modules`, measured interleaved; their bench Results in that order."""
         targets = [self.dense] + [module_target(f"candidate{i}", copy.deepcopy(m).eval())
                                   for i, m in enumerate(modules)]
-        contenders = [_load(t, self.target, self.scratch) for t in targets]
+        cls = _runner_class(self.target)
+        contenders = [c for t in targets for c in load_sessions(
+            t, lambda: cls(self.target.threads, self.scratch, self.target.clock), sessions_of(cls, self.settings))]
         measure_interleaved(contenders, self.target.batch_size, self.settings)
-        return [to_result(c, self.target.backend, self.target.batch_size) for c in contenders]
+        return to_results(contenders, self.target.backend, self.target.batch_size)
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -294,7 +294,8 @@ def _network(module, groups, target: TableTarget, env, round_to: int, checks, st
     allowed = AllowedCounts(groups, round_to)
     widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
     kept = [allowed.round_up(torch.ceil(widths * f - 1e-9)) for f in checks] if groups else []
-    key = {"kind": "network", **env, "network": fingerprint(module), "round_to": round_to, "checks": list(checks),
+    key = {"kind": "network", **env, "network": fingerprint(module), "settings": NETWORK_SETTINGS,
+           "round_to": round_to, "checks": list(checks),
            "stages": [[name, k.tolist()] for name, k in stages]}
 
     def usable(p) -> str | None:

@@ -10,6 +10,7 @@ a result whose threads waited for a CPU much of the time is marked oversubscribe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,10 +41,18 @@ class Settings:
     # turn it off: they report no per-point flag, and with ~70 ONNX Runtime sessions alive (each with its
     # thread pool) one account reads hundreds of /proc files, ~1 ms against 5 ms blocks.
     watch_contention: bool = True
+    # Loads of each target (sessions, modules), measured interleaved and pooled, the target's time split
+    # between them. One ONNX Runtime CPU session's median moves by up to ~6% with where its buffers land
+    # (docs/benchmarking.md), so one session can misstate a ratio between models that much.
+    # Runners whose loads share one module, compile, build engines or hold device memory load once
+    # (Runner.pools_sessions).
+    sessions: int = 1
 
     def __post_init__(self):
         if self.threads < 1:
             raise CompressError(f"--threads must be >= 1, got {self.threads}")
+        if self.sessions < 1:
+            raise CompressError(f"--sessions must be >= 1, got {self.sessions}")
         if self.min_iters < 1 or self.max_iters < self.min_iters:
             raise CompressError("need 1 <= --min-iters <= max iterations")
         if self.clock not in ("wall", "cpu"):
@@ -73,6 +82,7 @@ class Result:
     # Measured while other work kept this run's threads waiting for CPUs, on a clock that counts the
     # waiting (not --clock cpu): the figure is the machine's load as much as the model's latency.
     oversubscribed: bool = False
+    sessions: int = 1  # loads whose samples were pooled (Settings.sessions)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Contender:
     samples: list[np.ndarray] = field(default_factory=list)
     wait_ns: int | None = 0  # run-queue wait of this process during the measured blocks (None: unknown)
     measured_ns: int = 0  # wall time of those blocks
+    share: float = 1.0  # this load's share of its target's duration and counts (1 / its number of sessions)
 
     @property
     def count(self) -> int:
@@ -113,9 +124,29 @@ def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
     c.block = max(1, min(settings.max_iters, round(settings.block_s / max(per_run_s, 1e-7))))
 
 
+def sessions_of(runner_class: type[Runner], settings: Settings) -> int:
+    """How many times a target is loaded on this runner: settings.sessions where reloading is cheap."""
+    return settings.sessions if runner_class.pools_sessions else 1
+
+
+def load_sessions(target: Target, make_runner: Callable[[], Runner], count: int) -> list[Contender]:
+    """`count` loads of `target`, each a contender with its share of the target's measurement."""
+    out = []
+    for _ in range(count):
+        runner = make_runner()
+        start = time.perf_counter()
+        runner.load(target)
+        out.append(Contender(target, runner, load_ms=(time.perf_counter() - start) * 1000, share=1 / count))
+    return out
+
+
+def _max_iters(c: Contender, settings: Settings) -> int:
+    return max(1, math.ceil(settings.max_iters * c.share))
+
+
 def _done(c: Contender, settings: Settings) -> bool:
-    return c.count >= settings.max_iters or (
-        c.count >= settings.min_iters and c.total_ms >= settings.min_time_s * 1000)
+    return c.count >= _max_iters(c, settings) or (
+        c.count >= math.ceil(settings.min_iters * c.share) and c.total_ms >= settings.min_time_s * 1000 * c.share)
 
 
 def measure_interleaved(contenders: list[Contender], batch_size: int, settings: Settings,
@@ -127,8 +158,8 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
     order = list(contenders)
     while not all(_done(c, settings) for c in contenders):
         for c in order:
-            if c.count < settings.max_iters:
-                _measure_block(c, min(c.block, settings.max_iters - c.count), settings.watch_contention)
+            if c.count < _max_iters(c, settings):
+                _measure_block(c, min(c.block, _max_iters(c, settings) - c.count), settings.watch_contention)
         order.reverse()
         if progress:
             progress(min(_fraction(c, settings) for c in contenders))
@@ -148,15 +179,29 @@ def _measure_block(c: Contender, iterations: int, watch: bool = True) -> None:
 def _fraction(c: Contender, settings: Settings) -> float:
     if _done(c, settings):
         return 1.0
-    return min(1.0, c.count / settings.min_iters, c.total_ms / (settings.min_time_s * 1000))
+    return min(1.0, c.count / math.ceil(settings.min_iters * c.share),
+               c.total_ms / (settings.min_time_s * 1000 * c.share))
 
 
-def to_result(c: Contender, backend: str, batch_size: int) -> Result:
-    samples = np.concatenate(c.samples)
-    wait = None if c.wait_ns is None else round(wait_fraction(c.wait_ns, c.measured_ns, c.runner.cpu_threads), 4)
+def to_results(contenders: list[Contender], backend: str, batch_size: int) -> list[Result]:
+    """One Result per target (in first-load order), its sessions' samples pooled."""
+    by_target: dict[int, list[Contender]] = {}
+    for c in contenders:
+        by_target.setdefault(id(c.target), []).append(c)
+    return [_pooled(cs, backend, batch_size) for cs in by_target.values()]
+
+
+def _pooled(sessions: list[Contender], backend: str, batch_size: int) -> Result:
+    first = sessions[0]
+    samples = np.concatenate([s for c in sessions for s in c.samples])
+    waits = [c.wait_ns for c in sessions]
+    wait = None if None in waits else round(wait_fraction(sum(waits), sum(c.measured_ns for c in sessions),
+                                                          first.runner.cpu_threads), 4)
     # thread CPU time leaves out the time spent waiting, so a --clock cpu figure is not inflated by it
-    oversubscribed = wait is not None and wait > OVERSUBSCRIBED_WAIT and c.runner.clock != "cpu"
-    return Result(target=c.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
-                  summary=summarize(samples, batch_size), flops=c.target.flops, params=c.target.params,
-                  device=c.runner.device, timing=c.runner.timing(), cold_start_ms=c.cold_start_ms, load_ms=c.load_ms,
-                  tf32=c.runner.uses_tf32(), cpu_wait=wait, oversubscribed=oversubscribed)
+    oversubscribed = wait is not None and wait > OVERSUBSCRIBED_WAIT and first.runner.clock != "cpu"
+    return Result(target=first.target.label, backend=backend, batch_size=batch_size, samples_ms=samples,
+                  summary=summarize(samples, batch_size), flops=first.target.flops, params=first.target.params,
+                  device=first.runner.device, timing=first.runner.timing(),
+                  cold_start_ms=float(np.mean([c.cold_start_ms for c in sessions])),
+                  load_ms=float(np.mean([c.load_ms for c in sessions])), tf32=first.runner.uses_tf32(),
+                  cpu_wait=wait, oversubscribed=oversubscribed, sessions=len(sessions))

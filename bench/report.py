@@ -35,7 +35,7 @@ def result_record(r: Result) -> dict[str, Any]:
         "flops": r.flops, "params": r.params,
         "mean_ms": s.mean_ms, "min_ms": s.min_ms, "n": s.n, "unstable": s.unstable,
         "device": r.device, "timing": r.timing, "cold_start_ms": r.cold_start_ms, "load_ms": r.load_ms,
-        "tf32": r.tf32, "cpu_wait": r.cpu_wait, "oversubscribed": r.oversubscribed,
+        "tf32": r.tf32, "cpu_wait": r.cpu_wait, "oversubscribed": r.oversubscribed, "sessions": r.sessions,
     }
 
 
@@ -115,7 +115,7 @@ def load_saved(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
                           flops=row["flops"], params=row["params"], device=row.get("device", "?"),
                           timing=row.get("timing", "?"), cold_start_ms=row.get("cold_start_ms", math.nan),
                           load_ms=row.get("load_ms", math.nan), tf32=row.get("tf32"), cpu_wait=row.get("cpu_wait"),
-                          oversubscribed=bool(row.get("oversubscribed", False))))
+                          oversubscribed=bool(row.get("oversubscribed", False)), sessions=int(row.get("sessions", 1))))
     settings = doc.get("settings")
     return out, settings if isinstance(settings, dict) else {}
 

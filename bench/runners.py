@@ -46,6 +46,10 @@ class Runner(ABC):
     device: ClassVar[str] = "cpu"
     accepts: ClassVar[tuple[str, ...]] = ("run",)
     default: ClassVar[bool] = True  # part of the default backend set when available
+    # Whether a target is loaded several times and its samples pooled (Settings.sessions): where each load
+    # places the model's buffers anew in host memory and is cheap (ONNX Runtime CPU sessions); not one
+    # shared module (torch), compiles, engine builds or device memory.
+    pools_sessions: ClassVar[bool] = False
 
     def __init__(self, threads: int, scratch: Path, clock: str = "wall", tf32: bool = False):
         if clock not in CLOCKS:
@@ -188,6 +192,7 @@ class OrtRunner(Runner):
     name = "onnxruntime"
     accepts = ("run", "onnx")
     provider = "CPUExecutionProvider"
+    pools_sessions = True
 
     def __init__(self, threads: int, scratch: Path, clock: str = "wall", tf32: bool = False):
         super().__init__(threads, scratch, clock, tf32)

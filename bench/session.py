@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from bench.backends import RUNNERS, default_backends
 from bench.compare import Speedup, speedups
 from bench.host import host_info, load_average
-from bench.measure import Contender, Result, Settings, measure_interleaved, to_result
+from bench.measure import Result, Settings, load_sessions, measure_interleaved, sessions_of, to_results
 from bench.runners import BackendUnavailable
 from bench.targets import Target
 from compress.errors import CompressError
@@ -77,19 +77,17 @@ def benchmark(targets: list[Target], *, backends: list[str] | None = None,
                 if (reason := cls.rejects(target)) is not None:
                     skip(backend, target.label, reason)
                     continue
-                runner = cls(settings.threads, Path(scratch), settings.clock, settings.tf32)
-                start = time.perf_counter()
                 try:
-                    runner.load(target)
+                    make = partial(cls, settings.threads, Path(scratch), settings.clock, settings.tf32)
+                    contenders += load_sessions(target, make, sessions_of(cls, settings))
                 except BackendUnavailable as exc:  # e.g. an ONNX Runtime provider that fell back to the CPU
                     skip(backend, target.label, str(exc))
                     continue
-                contenders.append(Contender(target, runner, load_ms=(time.perf_counter() - start) * 1000))
             for bs in batch_sizes if contenders else ():
                 label = f"{backend} · batch {bs}"
                 measure_interleaved(contenders, bs, settings,
                                     progress=(lambda f, label=label: progress(label, f)) if progress else None)
-                results.extend(to_result(c, backend, bs) for c in contenders)
+                results.extend(to_results(contenders, backend, bs))
             del contenders  # free sessions/modules before the next backend loads its own
     if not results:
         raise CompressError("nothing was measured: " + "; ".join(s.line() for s in skips))

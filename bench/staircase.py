@@ -95,12 +95,12 @@ def channel_block(target: TableTarget, cache: TableCache, say=None) -> dict[str,
 def _probe(target: TableTarget, kernel: int, size: int) -> dict[str, Any]:
     """Median latency of the probe layer at every probed width, all widths interleaved."""
     from bench.lut import layer_contender
-    from bench.measure import Settings, measure_interleaved, to_result
+    from bench.measure import Settings, measure_interleaved, to_results
 
     settings = Settings(threads=target.threads, clock=target.clock, **PROBE_SETTINGS)
     with tempfile.TemporaryDirectory(prefix="compress-block-") as scratch:
         contenders = [layer_contender(LayerNeed(f"probe{kernel}x{kernel}", probe_shape(kernel, size, w), [w], [w]),
                                       w, w, 1, target, Path(scratch), str(w)) for w in PROBE_WIDTHS]
         measure_interleaved(contenders, target.batch_size, settings)
-        ms = [to_result(c, target.backend, target.batch_size).summary.median_ms for c in contenders]
+        ms = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
     return {"kernel": kernel, "size": size, "widths": list(PROBE_WIDTHS), "ms": [round(m, 5) for m in ms]}

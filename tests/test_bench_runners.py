@@ -13,7 +13,7 @@ import torch
 from bench.backends import RUNNERS, default_backends, parse_backends
 from bench.contention import OVERSUBSCRIBED_WAIT, run_queue_wait_ns
 from bench.gpu_runners import OrtCudaRunner, TensorRTRunner, TorchCudaRunner
-from bench.measure import Contender, Settings, measure_interleaved
+from bench.measure import Contender, Settings, load_sessions, measure_interleaved, sessions_of, to_results
 from bench.report import RESULT_KEYS, SPEEDUP_KEYS, load_results, to_json, write_json
 from bench.runners import OrtRunner, Runner, TorchCompileRunner, TorchRunner
 from bench.session import benchmark
@@ -263,6 +263,25 @@ def test_measurement_stops_at_max_iters(files):
     c = Contender(a, Recorder("A", []), 0.0)
     measure_interleaved([c], 1, capped)
     assert c.count == 30
+
+
+def test_sessions_split_the_duration_and_pool_into_one_result(files):
+    """Three loads of each target share its duration and counts; their samples make one Result per
+    target, in first-load order; runners that share one module load once."""
+    log = []
+    a, b = resolve_targets([files["dyn"], files["dyn"]])
+    settings = replace(FAST, sessions=3, min_iters=1, min_time_s=60.0, max_iters=30)
+    contenders = [c for t, tag in ((a, "A"), (b, "B")) for c in load_sessions(t, lambda tag=tag: Recorder(tag, log), 3)]
+    assert len(contenders) == 6 and all(c.share == pytest.approx(1 / 3) for c in contenders)
+    measure_interleaved(contenders, 1, settings)
+    assert [c.count for c in contenders] == [10] * 6  # each load stops at its share of the target's cap
+    results = to_results(contenders, "recorder", 1)
+    assert [r.target for r in results] == [a.label, b.label] and [r.sessions for r in results] == [3, 3]
+    assert [r.samples_ms.size for r in results] == [30, 30]
+    assert sessions_of(OrtRunner, settings) == 3 and sessions_of(TorchRunner, settings) == 1
+    assert sessions_of(OrtCudaRunner, settings) == 1 and sessions_of(TensorRTRunner, settings) == 1
+    with pytest.raises(CompressError, match="--sessions"):
+        replace(FAST, sessions=0)
 
 
 def test_benchmark_end_to_end_json_schema(files, tmp_path):
