@@ -52,7 +52,7 @@ CHECK_FRACTIONS = (0.75, 0.5, 0.35, 0.0)
 ONNX_BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 LAYER_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.05, "min_iters": 8, "block_s": 0.005,
                   "watch_contention": False}
-NETWORK_SETTINGS = {"warmup_s": 0.3, "warmup_iters": 5, "min_time_s": 2.0, "min_iters": 10, "sessions": 3}
+NETWORK_SETTINGS = {"warmup_s": 0.1, "warmup_iters": 5, "min_time_s": 2.0, "min_iters": 10, "sessions": 3}
 
 
 @dataclass

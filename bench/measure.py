@@ -95,6 +95,7 @@ class Contender:
     batch: object = None
     cold_start_ms: float = 0.0
     block: int = 1
+    per_run_s: float = 0.0  # median warm run
     samples: list[np.ndarray] = field(default_factory=list)
     wait_ns: int | None = 0  # run-queue wait of this process during the measured blocks (None: unknown)
     measured_ns: int = 0  # wall time of those blocks
@@ -110,8 +111,8 @@ class Contender:
 
 
 def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
-    """Cold start (preparing the batch size and its first run), then warm-up by time and count;
-    sizes the interleaving block from the warm runs."""
+    """Cold start (preparing the batch size and its first run), then warm-up by time and count; the
+    warm runs' median sizes the interleaving blocks."""
     start = time.perf_counter()
     c.batch = c.runner.prepare(batch_size)
     c.runner.run(c.batch)
@@ -120,8 +121,7 @@ def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
     deadline = time.perf_counter() + settings.warmup_s
     while len(warm) < settings.warmup_iters or time.perf_counter() < deadline:
         warm.extend(c.runner.time(c.batch, 1))
-    per_run_s = float(np.median(warm[-settings.warmup_iters:])) / 1000
-    c.block = max(1, min(settings.max_iters, round(settings.block_s / max(per_run_s, 1e-7))))
+    c.per_run_s = max(float(np.median(warm[-settings.warmup_iters:])) / 1000, 1e-7)
 
 
 def sessions_of(runner_class: type[Runner], settings: Settings) -> int:
@@ -155,6 +155,12 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
     for c in contenders:
         c.samples, c.wait_ns, c.measured_ns = [], 0, 0
         warm_up(c, batch_size, settings)
+    # Blocks of one length for everyone (at least block_s, at least the slowest single run): every round
+    # gives each contender about the same time, so all reach their minimum in about the same number of
+    # rounds and none runs long past it while a faster contender's short blocks catch up.
+    span = max([settings.block_s] + [c.per_run_s for c in contenders])
+    for c in contenders:
+        c.block = max(1, min(_max_iters(c, settings), round(span / c.per_run_s)))
     order = list(contenders)
     while not all(_done(c, settings) for c in contenders):
         for c in order:
