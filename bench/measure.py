@@ -1,9 +1,9 @@
 """Interleaved latency measurement (trtexec-style warm-up and duration, asv-style interleaving).
 
 For one backend and batch size, every target is warmed up, then measured in rounds: each round
-gives each target a short block of runs, alternating the order (A B, B A, A B, …). A machine that
-drifts or a neighbour that starts a job slows every target alike, so their ratio stays honest.
-Measurement stops once every target has both the minimum duration and the minimum iteration count.
+gives each target a block of runs of one length, alternating the order (A B, B A, A B, …). A machine
+that drifts or a neighbour that starts a job slows every target alike, so their ratio stays honest.
+A target stops once it has both the minimum duration and the minimum iteration count.
 Around every block the scheduler's run-queue wait of this process is read (bench/contention.py):
 a result whose threads waited for a CPU much of the time is marked oversubscribed.
 """
@@ -156,19 +156,26 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
         c.samples, c.wait_ns, c.measured_ns = [], 0, 0
         warm_up(c, batch_size, settings)
     # Blocks of one length for everyone (at least block_s, at least the slowest single run): every round
-    # gives each contender about the same time, so all reach their minimum in about the same number of
-    # rounds and none runs long past it while a faster contender's short blocks catch up.
-    span = max([settings.block_s] + [c.per_run_s for c in contenders])
-    for c in contenders:
-        c.block = max(1, min(_max_iters(c, settings), round(span / c.per_run_s)))
+    # gives each contender about the same time, so all reach their minimum within a round or two of
+    # each other and stop; the interleaving covers (nearly) the whole measurement of every contender.
+    # Sized again after every round from the latest block: a few warm runs misjudge microsecond runs.
+    _size_blocks(contenders, settings)
     order = list(contenders)
     while not all(_done(c, settings) for c in contenders):
-        for c in order:
-            if c.count < _max_iters(c, settings):
+        for c in order:  # a contender with its minimum stops; with blocks of one length the rest are close
+            if not _done(c, settings):
                 _measure_block(c, min(c.block, _max_iters(c, settings) - c.count), settings.watch_contention)
+                c.per_run_s = max(float(np.median(c.samples[-1])) / 1000, 1e-7)
+        _size_blocks(contenders, settings)
         order.reverse()
         if progress:
             progress(min(_fraction(c, settings) for c in contenders))
+
+
+def _size_blocks(contenders: list[Contender], settings: Settings) -> None:
+    span = max([settings.block_s] + [c.per_run_s for c in contenders])
+    for c in contenders:
+        c.block = max(1, min(_max_iters(c, settings), round(span / c.per_run_s)))
 
 
 def _measure_block(c: Contender, iterations: int, watch: bool = True) -> None:

@@ -248,9 +248,12 @@ def test_measurement_interleaves_in_alternating_rounds(files):
     warm = [tag for tag, _ in log[:2 * FAST.warmup_iters]]  # warmup_s=0: exactly warmup_iters runs each
     assert warm == ["A"] * FAST.warmup_iters + ["B"] * FAST.warmup_iters
     blocks = [tag for tag, _ in log[2 * FAST.warmup_iters:]]
-    assert len(blocks) >= 2 and len(blocks) % 2 == 0
-    # Rounds alternate their order: A B | B A | A B ...
-    assert blocks == [t for i in range(len(blocks) // 2) for t in (("A", "B") if i % 2 == 0 else ("B", "A"))]
+    both = 2 * min(blocks.count("A"), blocks.count("B"))
+    assert both >= 2
+    # Rounds alternate their order: A B | B A | A B ...; one that has its minimum stops, so the other may
+    # take a last block or two alone
+    assert blocks[:both] == [t for i in range(both // 2) for t in (("A", "B") if i % 2 == 0 else ("B", "A"))]
+    assert len(set(blocks[both:])) <= 1 and len(blocks) - both <= 2
     for c in contenders:
         assert c.count >= FAST.min_iters and c.total_ms >= FAST.min_time_s * 1000
         assert c.cold_start_ms > 0 and c.block >= 1
