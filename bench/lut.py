@@ -164,8 +164,8 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
         task = bars.add_task("latency tables", total=len(todo), metrics="") if bars else None
         for i, (need, key) in enumerate(todo):
             grid = _grid_points(need)
-            contenders = [layer_contender(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")
-                          for copies in (1, 2) for j, (ci, co) in enumerate(grid)]
+            contenders = [c for copies in (1, 2) for j, (ci, co) in enumerate(grid)
+                          for c in layer_contenders(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")]
             measure_interleaved(contenders, target.batch_size, settings)
             medians = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
             single, twin = medians[:len(grid)], medians[len(grid):]
@@ -190,8 +190,9 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
     return total
 
 
-def layer_contender(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
-                     index: str) -> Contender:
+def layer_contenders(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
+                     index: str, sessions: int = 1) -> list[Contender]:
+    """One layer at `cin`×`cout` (`copies` of it in sequence), loaded `sessions` times on the target."""
     label = f"{need.layer}@{cin}x{cout}" + ("-twin" if copies == 2 else "")
     if target.backend in ONNX_BACKENDS:
         path = scratch / f"layer{index}.onnx"
@@ -199,7 +200,8 @@ def layer_contender(need: LayerNeed, cin: int, cout: int, copies: int, target: T
         tgt = Target(label, path, "onnx", batch_dim=target.batch_size)
     else:
         tgt = module_target(label, torch_layer(need.shape, cin, cout, copies))
-    return _load(tgt, target, scratch)
+    cls = runner_class(target)
+    return load_sessions(tgt, lambda: cls(target.threads, scratch, target.clock), sessions)
 
 
 def module_target(label: str, module: nn.Module) -> Target:
@@ -207,12 +209,7 @@ def module_target(label: str, module: nn.Module) -> Target:
     return Target(label, Path(label), "run", _module=module)
 
 
-def _load(tgt: Target, target: TableTarget, scratch: Path) -> Contender:
-    cls = _runner_class(target)
-    return load_sessions(tgt, lambda: cls(target.threads, scratch, target.clock), 1)[0]
-
-
-def _runner_class(target: TableTarget):
+def runner_class(target: TableTarget):
     cls = RUNNERS[target.backend]
     if target.precision == "fp32":
         return cls
@@ -250,7 +247,7 @@ class NetworkTimer:
         """Dense first, then `modules`, measured interleaved; their bench Results in that order."""
         targets = [self.dense] + [module_target(f"candidate{i}", copy.deepcopy(m).eval())
                                   for i, m in enumerate(modules)]
-        cls = _runner_class(self.target)
+        cls = runner_class(self.target)
         contenders = [c for t in targets for c in load_sessions(
             t, lambda: cls(self.target.threads, self.scratch, self.target.clock), sessions_of(cls, self.settings))]
         measure_interleaved(contenders, self.target.batch_size, self.settings)

@@ -32,9 +32,11 @@ PROBE_LAYERS = (                        # (kernel, spatial size): the two kinds 
     (3, 28),
     (1, 14),
 )
-PROBE_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.1, "min_iters": 8, "block_s": 0.005,
-                  "watch_contention": False}
-PROBE_VERSION = 1
+# Three pooled sessions per width: one session's median of a 60-µs layer can sit 20% off (where its
+# buffers land), enough to hide a step or invent one (docs/benchmarking.md, "Sessions").
+PROBE_SETTINGS = {"warmup_s": 0.02, "warmup_iters": 3, "min_time_s": 0.15, "min_iters": 8, "block_s": 0.005,
+                  "watch_contention": False, "sessions": 3}
+PROBE_VERSION = 2
 
 
 def block_of(widths: list[int], ms: list[float], candidates: tuple[int, ...] = CANDIDATES) -> int:
@@ -94,13 +96,15 @@ def channel_block(target: TableTarget, cache: TableCache, say=None) -> dict[str,
 
 def _probe(target: TableTarget, kernel: int, size: int) -> dict[str, Any]:
     """Median latency of the probe layer at every probed width, all widths interleaved."""
-    from bench.lut import layer_contender
-    from bench.measure import Settings, measure_interleaved, to_results
+    from bench.lut import layer_contenders, runner_class
+    from bench.measure import Settings, measure_interleaved, sessions_of, to_results
 
     settings = Settings(threads=target.threads, clock=target.clock, **PROBE_SETTINGS)
     with tempfile.TemporaryDirectory(prefix="compress-block-") as scratch:
-        contenders = [layer_contender(LayerNeed(f"probe{kernel}x{kernel}", probe_shape(kernel, size, w), [w], [w]),
-                                      w, w, 1, target, Path(scratch), str(w)) for w in PROBE_WIDTHS]
+        sessions = sessions_of(runner_class(target), settings)
+        contenders = [c for w in PROBE_WIDTHS for c in layer_contenders(
+            LayerNeed(f"probe{kernel}x{kernel}", probe_shape(kernel, size, w), [w], [w]), w, w, 1, target,
+            Path(scratch), str(w), sessions)]
         measure_interleaved(contenders, target.batch_size, settings)
         ms = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
     return {"kernel": kernel, "size": size, "widths": list(PROBE_WIDTHS), "ms": [round(m, 5) for m in ms]}
