@@ -165,7 +165,8 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
         for i, (need, key) in enumerate(todo):
             grid = _grid_points(need)
             contenders = [c for copies in (1, 2) for j, (ci, co) in enumerate(grid)
-                          for c in layer_contenders(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}")]
+                          for c in layer_contenders(need, ci, co, copies, target, Path(scratch), f"{copies}-{j}",
+                                                    settings)]
             measure_interleaved(contenders, target.batch_size, settings)
             medians = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
             single, twin = medians[:len(grid)], medians[len(grid):]
@@ -191,8 +192,8 @@ def _measure_layers(todo: list[tuple[LayerNeed, dict]], target: TableTarget, cac
 
 
 def layer_contenders(need: LayerNeed, cin: int, cout: int, copies: int, target: TableTarget, scratch: Path,
-                     index: str, sessions: int = 1) -> list[Contender]:
-    """One layer at `cin`×`cout` (`copies` of it in sequence), loaded `sessions` times on the target."""
+                     index: str, settings: Settings) -> list[Contender]:
+    """One layer at `cin`×`cout` (`copies` of it in sequence), loaded as many times as `settings` pool."""
     label = f"{need.layer}@{cin}x{cout}" + ("-twin" if copies == 2 else "")
     if target.backend in ONNX_BACKENDS:
         path = scratch / f"layer{index}.onnx"
@@ -200,8 +201,7 @@ def layer_contenders(need: LayerNeed, cin: int, cout: int, copies: int, target: 
         tgt = Target(label, path, "onnx", batch_dim=target.batch_size)
     else:
         tgt = module_target(label, torch_layer(need.shape, cin, cout, copies))
-    cls = runner_class(target)
-    return load_sessions(tgt, lambda: cls(target.threads, scratch, target.clock), sessions)
+    return _loads(tgt, target, scratch, settings)
 
 
 def module_target(label: str, module: nn.Module) -> Target:
@@ -209,7 +209,12 @@ def module_target(label: str, module: nn.Module) -> Target:
     return Target(label, Path(label), "run", _module=module)
 
 
-def runner_class(target: TableTarget):
+def _loads(tgt: Target, target: TableTarget, scratch: Path, settings: Settings) -> list[Contender]:
+    cls = _runner_class(target)
+    return load_sessions(tgt, lambda: cls(target.threads, scratch, target.clock), sessions_of(cls, settings))
+
+
+def _runner_class(target: TableTarget):
     cls = RUNNERS[target.backend]
     if target.precision == "fp32":
         return cls
@@ -247,9 +252,7 @@ class NetworkTimer:
         """Dense first, then `modules`, measured interleaved; their bench Results in that order."""
         targets = [self.dense] + [module_target(f"candidate{i}", copy.deepcopy(m).eval())
                                   for i, m in enumerate(modules)]
-        cls = runner_class(self.target)
-        contenders = [c for t in targets for c in load_sessions(
-            t, lambda: cls(self.target.threads, self.scratch, self.target.clock), sessions_of(cls, self.settings))]
+        contenders = [c for t in targets for c in _loads(t, self.target, self.scratch, self.settings)]
         measure_interleaved(contenders, self.target.batch_size, self.settings)
         return to_results(contenders, self.target.backend, self.target.batch_size)
 

@@ -96,15 +96,14 @@ def channel_block(target: TableTarget, cache: TableCache, say=None) -> dict[str,
 
 def _probe(target: TableTarget, kernel: int, size: int) -> dict[str, Any]:
     """Median latency of the probe layer at every probed width, all widths interleaved."""
-    from bench.lut import layer_contenders, runner_class
-    from bench.measure import Settings, measure_interleaved, sessions_of, to_results
+    from bench.lut import layer_contenders
+    from bench.measure import Settings, measure_interleaved, to_results
 
     settings = Settings(threads=target.threads, clock=target.clock, **PROBE_SETTINGS)
     with tempfile.TemporaryDirectory(prefix="compress-block-") as scratch:
-        sessions = sessions_of(runner_class(target), settings)
         contenders = [c for w in PROBE_WIDTHS for c in layer_contenders(
             LayerNeed(f"probe{kernel}x{kernel}", probe_shape(kernel, size, w), [w], [w]), w, w, 1, target,
-            Path(scratch), str(w), sessions)]
+            Path(scratch), str(w), settings)]
         measure_interleaved(contenders, target.batch_size, settings)
         ms = [r.summary.median_ms for r in to_results(contenders, target.backend, target.batch_size)]
     return {"kernel": kernel, "size": size, "widths": list(PROBE_WIDTHS), "ms": [round(m, 5) for m in ms]}
