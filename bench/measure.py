@@ -144,9 +144,17 @@ def _max_iters(c: Contender, settings: Settings) -> int:
     return max(1, math.ceil(settings.max_iters * c.share))
 
 
+def _progress(c: Contender, settings: Settings) -> float:
+    """How much of its minimum (iterations and time, its share of both) a contender has; 1.0 once it has
+    both or has reached its iteration cap."""
+    if c.count >= _max_iters(c, settings):
+        return 1.0
+    need_n, need_ms = math.ceil(settings.min_iters * c.share), settings.min_time_s * 1000 * c.share
+    return min(1.0, c.count / need_n if need_n else 1.0, c.total_ms / need_ms if need_ms else 1.0)
+
+
 def _done(c: Contender, settings: Settings) -> bool:
-    return c.count >= _max_iters(c, settings) or (
-        c.count >= math.ceil(settings.min_iters * c.share) and c.total_ms >= settings.min_time_s * 1000 * c.share)
+    return _progress(c, settings) >= 1.0
 
 
 def measure_interleaved(contenders: list[Contender], batch_size: int, settings: Settings,
@@ -169,7 +177,7 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
         _size_blocks(contenders, settings)
         order.reverse()
         if progress:
-            progress(min(_fraction(c, settings) for c in contenders))
+            progress(min(_progress(c, settings) for c in contenders))
 
 
 def _size_blocks(contenders: list[Contender], settings: Settings) -> None:
@@ -187,13 +195,6 @@ def _measure_block(c: Contender, iterations: int, watch: bool = True) -> None:
         c.wait_ns = None
     else:
         c.wait_ns += max(0, waited_after - waited)
-
-
-def _fraction(c: Contender, settings: Settings) -> float:
-    if _done(c, settings):
-        return 1.0
-    return min(1.0, c.count / math.ceil(settings.min_iters * c.share),
-               c.total_ms / (settings.min_time_s * 1000 * c.share))
 
 
 def to_results(contenders: list[Contender], backend: str, batch_size: int) -> list[Result]:
