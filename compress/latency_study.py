@@ -91,12 +91,7 @@ def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"config": asdict(config), "loadavg_start": load_start}
     json_path = docs / "latency.json"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    # keep the figures of the parts and models not re-run now (a study can be run a few models at a time)
-    results["budget"] = [m for m in previous.get("budget", []) if m["model"] not in config.budget_models
-                         or "budget" not in config.parts]
-    results["capacity"] = {t: [m for m in rows if m["model"] not in config.capacity_models
-                               or "capacity" not in config.parts] for t, rows in previous.get("capacity", {}).items()}
-    results["accuracy"] = [] if "accuracy" in config.parts else previous.get("accuracy", [])
+    results.update(kept_figures(previous, config))
 
     def save() -> None:              # after every model: an interrupted study keeps what it measured
         results.update(loadavg_end=_loadavg(), wall_s=round(time.perf_counter() - started, 1))
@@ -119,6 +114,19 @@ def run_latency_study(config: LatencyStudyConfig) -> dict[str, Any]:
             save()
     save()
     return results
+
+
+def kept_figures(previous: dict[str, Any], config: LatencyStudyConfig) -> dict[str, Any]:
+    """The figures of an earlier latency.json that this run does not redo: a study can be run a few models
+    (or one thread count) at a time, and each run adds to the document instead of erasing it."""
+    redo_threads = {str(t) for t in config.threads} if "capacity" in config.parts else set()
+    return {
+        "budget": [m for m in previous.get("budget", [])
+                   if "budget" not in config.parts or m["model"] not in config.budget_models],
+        "capacity": {t: [m for m in rows if t not in redo_threads or m["model"] not in config.capacity_models]
+                     for t, rows in previous.get("capacity", {}).items()},
+        "accuracy": [] if "accuracy" in config.parts else previous.get("accuracy", []),
+    }
 
 
 # ---------------------------------------------------------------- runs

@@ -40,6 +40,21 @@ def test_budget_and_capacity_write_json_and_doc(tmp_path):
     assert "capacity" in json.loads((docs / "latency.json").read_text())
 
 
+def test_a_rerun_keeps_the_figures_it_does_not_redo():
+    from compress.latency_study import LatencyStudyConfig, kept_figures
+
+    previous = {"budget": [{"model": "a"}, {"model": "b"}],
+                "capacity": {"2": [{"model": "a"}, {"model": "b"}], "1": [{"model": "a"}, {"model": "b"}]},
+                "accuracy": [{"method": "l1"}]}
+    one_thread = LatencyStudyConfig(parts=("capacity",), capacity_models=("a",), threads=(1,))
+    kept = kept_figures(previous, one_thread)
+    assert kept["budget"] == previous["budget"] and kept["accuracy"] == previous["accuracy"]
+    assert kept["capacity"] == {"2": previous["capacity"]["2"], "1": [{"model": "b"}]}
+    budget_b = LatencyStudyConfig(parts=("budget", "accuracy"), budget_models=("b",))
+    kept = kept_figures(previous, budget_b)
+    assert kept["budget"] == [{"model": "a"}] and kept["capacity"] == previous["capacity"] and kept["accuracy"] == []
+
+
 def test_cpu_clock_needs_one_thread(tmp_path):
     res = CliRunner().invoke(main, ["latency-study", "--threads", "2", "--clock", "cpu", "--docs", str(tmp_path)])
     assert res.exit_code == 2 and "needs --threads 1" in res.stderr.strip()
