@@ -121,7 +121,7 @@ def warm_up(c: Contender, batch_size: int, settings: Settings) -> None:
     deadline = time.perf_counter() + settings.warmup_s
     while len(warm) < settings.warmup_iters or time.perf_counter() < deadline:
         warm.extend(c.runner.time(c.batch, 1))
-    c.per_run_s = max(float(np.median(warm[-settings.warmup_iters:])) / 1000, 1e-7)
+    c.per_run_s = _per_run_s(warm[-settings.warmup_iters:])
 
 
 def sessions_of(runner_class: type[Runner], settings: Settings) -> int:
@@ -173,11 +173,16 @@ def measure_interleaved(contenders: list[Contender], batch_size: int, settings: 
         for c in order:  # a contender with its minimum stops; with blocks of one length the rest are close
             if not _done(c, settings):
                 _measure_block(c, min(c.block, _max_iters(c, settings) - c.count), settings.watch_contention)
-                c.per_run_s = max(float(np.median(c.samples[-1])) / 1000, 1e-7)
+                c.per_run_s = _per_run_s(c.samples[-1])
         _size_blocks(contenders, settings)
         order.reverse()
         if progress:
             progress(min(_progress(c, settings) for c in contenders))
+
+
+def _per_run_s(times_ms) -> float:
+    """The median run of `times_ms` in seconds, never zero (blocks are sized by dividing by it)."""
+    return max(float(np.median(times_ms)) / 1000, 1e-7)
 
 
 def _size_blocks(contenders: list[Contender], settings: Settings) -> None:
