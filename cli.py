@@ -18,6 +18,7 @@ from compress.cli_flags import (
     token_flags,
 )
 from compress.errors import CompressError
+from compress.token_study import command as token_study
 
 # fvcore (FLOPs counting) still calls torch.jit.script, which warns on every import.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
@@ -410,6 +411,8 @@ def latency_study(**kw) -> None:
     results = run_latency_study(config)
     click.echo(f"wrote {config.docs}/latency.md and latency.json ({results['wall_s']:.0f} s)")
 
+
+main.add_command(token_study)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,6 @@ reload, channel + token composition in both orders, export, one-line errors, tor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -100,8 +99,12 @@ def test_token_study_writes_its_table_picture_and_reuses_its_runs(study):
     assert (docs.parent / "tokens" / "patches.png").is_file()
     assert json.loads((docs.parent / "tokens" / "results.json").read_text())["records"][0]["arm"] == "tokens"
     assert all(r["reused"] for r in run_token_study(cfg)["records"])
-    partial = run_token_study(dataclasses.replace(cfg, seeds=(0, 1), only_done=True))    # trains nothing
-    assert partial["missing"] == ["tokens seed 1"] and all(r["reused"] for r in partial["records"])
+    res = _cli("token-study", "--from", cfg.source, "--data", "digits", "--subset", 160, "--seeds", "0,1",
+               "--token-epochs", 1, "--both-finetune-epochs", 1, "--both-token-epochs", 1, "--batch-size", 64,
+               "--arms", "tokens,both-after,both-before", "--work", cfg.work, "--docs", docs, "--only-done",
+               "--device", "cpu")                                                  # trains nothing
+    assert res.exit_code == 0, res.output
+    assert "Not run (`--only-done`: the study was stopped before them): tokens seed 1." in res.output
     assert "Not run (`--only-done`" in docs.read_text() and "| tokens | 1 |" in docs.read_text()
 
 
