@@ -130,7 +130,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     if tokens and tokens.order == "before":
         start = time.perf_counter()
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
-                                                   progress)
+                                                   progress, s["lr"], s["weight_decay"])
         watch.lap("tokens", start)
     budget = Budget(**s["budget"]) if s["budget"] else None
     if budget is None:                   # tokens only: no channel is pruned
@@ -144,7 +144,7 @@ def _prune(out, progress: Checkpoint, method_obj, s: dict[str, Any]) -> dict[str
     if tokens and tokens.order == "after":
         start = time.perf_counter()
         token_records["dynamicvit"] = train_tokens(module, teacher, bundle, tokens, s["seed"], s["batch_size"],
-                                                   progress)
+                                                   progress, s["lr"], s["weight_decay"])
         watch.lap("tokens", start)
     flops = count_flops(module, input_size)
     achieved = flops / dense["flops"]

@@ -42,6 +42,8 @@ class TokenStudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     keep: float = 0.7
     token_epochs: int = 3
+    ratio_weight: float = 2.0              # DynamicViT's keep-ratio loss weight (the reference's for DeiT)
+    token_finetune_epochs: int = 0         # plain fine-tuning on the top-k tokens after the DynamicViT stage
     finetune_epochs: int | None = None     # channels arm; None: token_epochs
     both_keep: float = 0.85
     both_seeds: tuple[int, ...] = (0,)       # the two combined arms cost the most: fewer seeds by default
@@ -76,15 +78,17 @@ def _arm_kwargs(cfg: TokenStudyConfig, arm: str, ratio: float | None) -> dict[st
     from compress.tokens.training import TokenOptions
 
     if arm == "tokens":
-        return {"method": "dynamicvit", "flops_ratio": None,
-                "tokens": TokenOptions(keep_ratio=cfg.keep, epochs=cfg.token_epochs)}
+        return {"method": "dynamicvit", "flops_ratio": None, "lr": cfg.lr,
+                "tokens": TokenOptions(keep_ratio=cfg.keep, epochs=cfg.token_epochs, ratio_weight=cfg.ratio_weight,
+                                       finetune_epochs=cfg.token_finetune_epochs)}
     common = {"method": "depgraph", "flops_ratio": round(ratio, 4), "round_to": 1, "lr": cfg.lr}
     if arm == "channels":
-        epochs = cfg.token_epochs if cfg.finetune_epochs is None else cfg.finetune_epochs
+        epochs = cfg.token_epochs + cfg.token_finetune_epochs if cfg.finetune_epochs is None else cfg.finetune_epochs
         return {**common, "finetune_epochs": epochs}
     order = arm.removeprefix("both-")
     return {**common, "finetune_epochs": cfg.both_finetune_epochs,
-            "tokens": TokenOptions(keep_ratio=cfg.both_keep, epochs=cfg.both_token_epochs, order=order)}
+            "tokens": TokenOptions(keep_ratio=cfg.both_keep, epochs=cfg.both_token_epochs, order=order,
+                                   ratio_weight=cfg.ratio_weight, finetune_epochs=cfg.token_finetune_epochs)}
 
 
 def run_token_study(cfg: TokenStudyConfig) -> dict[str, Any]:
@@ -195,14 +199,7 @@ def _picture(records: list[dict], path: Path, cfg: TokenStudyConfig) -> None:
 def markdown(result: dict[str, Any]) -> str:
     c, d = result["config"], result["dense"]
     both = any(arm.startswith("both") for arm in c["arms"])
-    lines = [f"Dense parent `{d['run']}`: accuracy {d['accuracy']:.4f}, {d['flops'] / 1e6:.1f} MFLOPs (fvcore MACs). "
-             f"Data `{c['data']}` (training subset {c['subset']}, full validation split), seeds "
-             f"{', '.join(map(str, c['seeds']))}"
-             + (f" (both-*: {', '.join(map(str, c['both_seeds']))})" if both else "") + ". "
-             f"tokens: ρ={c['keep']}, {c['token_epochs']} DynamicViT epochs; "
-             f"channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs']} fine-tuning "
-             "epochs" + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} "
-                         f"fine-tuning + {c['both_token_epochs']} DynamicViT epochs" if both else "") + ".", "",
+    lines = [_setup(c, d, both), "",
              "| arm | seeds | accuracy (mean ± std) | Δ vs dense (mean / worst seed) | FLOPs ratio | params |",
              "|---|---|---|---|---|---|",
              f"| dense | – | {d['accuracy']:.4f} | – | 1.000 | {d['params'] / 1e6:.2f} M |"]
@@ -226,6 +223,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _setup(c: dict[str, Any], d: dict[str, Any], both: bool) -> str:
+    """The paragraph above the table: parent, data, and each arm's training."""
+    tune = c.get("token_finetune_epochs", 0)
+    parts = [f"Dense parent `{d['run']}`: accuracy {d['accuracy']:.4f}, {d['flops'] / 1e6:.1f} MFLOPs (fvcore MACs).",
+             f"Data `{c['data']}` (training subset {c['subset']}, full validation split), batch {c['batch_size']}, "
+             f"seeds {', '.join(map(str, c['seeds']))}"
+             + (f" (both-*: {', '.join(map(str, c['both_seeds']))})" if both else "") + ".",
+             f"tokens: ρ={c['keep']}, {c['token_epochs']} DynamicViT epochs (keep-ratio loss weight "
+             f"{c.get('ratio_weight', 2.0)})" + (f" + {tune} fine-tuning epochs on the top-k tokens" if tune else "")
+             + f"; channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs'] + tune} "
+             "fine-tuning epochs"
+             + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} fine-tuning + "
+                f"{c['both_token_epochs']} DynamicViT epochs" if both else "") + "."]
+    return " ".join(parts)
+
+
 @click.command("token-study", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--from", "source", required=True, type=click.Path(exists=True), help="The dense ViT run.")
 @click.option("--data", default=TokenStudyConfig.data, show_default=True)
@@ -234,7 +247,13 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--seeds", default=",".join(map(str, TokenStudyConfig.seeds)), show_default=True)
 @click.option("--keep", type=float, default=TokenStudyConfig.keep, show_default=True, help="The tokens arm's ρ.")
 @click.option("--token-epochs", type=int, default=TokenStudyConfig.token_epochs, show_default=True)
-@click.option("--finetune-epochs", type=int, help="The channels arm's fine-tuning  [default: --token-epochs]")
+@click.option("--token-ratio-weight", "ratio_weight", type=float, default=TokenStudyConfig.ratio_weight,
+              show_default=True, help="Weight of the keep-ratio loss (every arm with tokens).")
+@click.option("--token-finetune-epochs", type=int, default=TokenStudyConfig.token_finetune_epochs, show_default=True,
+              help="After each DynamicViT stage: plain fine-tuning (SGD at --lr) on the top-k tokens, predictors "
+              "frozen (not in the paper; docs/tokens.md).")
+@click.option("--finetune-epochs", type=int, help="The channels arm's fine-tuning  [default: --token-epochs + "
+              "--token-finetune-epochs]")
 @click.option("--both-keep", type=float, default=TokenStudyConfig.both_keep, show_default=True,
               help="The combined arms' ρ (channels prune the rest down to the tokens arm's FLOPs).")
 @click.option("--both-seeds", default=",".join(map(str, TokenStudyConfig.both_seeds)), show_default=True)

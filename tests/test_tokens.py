@@ -353,3 +353,24 @@ def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
     moved = changed(start, "net.backbone")
     assert moved and not any(k.endswith(("class_token", "pos_embedding")) for k in moved)
     assert stage._backbone.param_groups[0]["lr"] == pytest.approx(1e-4)                 # 1/100 of the predictors'
+
+
+def test_token_fine_tuning_trains_the_backbone_on_the_top_k_tokens_with_the_predictors_frozen():
+    from compress.data import load_data
+    from compress.tokens.training import TokenOptions, train_tokens
+
+    bundle = load_data("synthetic:80", image_size=16)
+    net = VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)
+    dense = DeployableModule(net, bundle.mean, bundle.std, input_size=(3, 16, 16))
+    module = copy.deepcopy(dense)
+    module.net = sparsify(module.net, 0.7)
+    start = copy.deepcopy(module.state_dict())
+    gathered = []
+    module.net.register_forward_hook(lambda m, i, o: gathered.append(m.training and not m.sparse_training))
+    record = train_tokens(module, dense, bundle, TokenOptions(epochs=0, finetune_epochs=1), seed=0, batch_size=32,
+                          lr=0.05)
+    moved = {k for k, v in module.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved and all(k.startswith("net.backbone") for k in moved)          # the predictors did not move
+    assert any(gathered)                                  # it trained through the top-k (gather) path
+    assert len(record["fine-tune"]["history"]) == 1 and all(p.requires_grad for p in module.parameters())

@@ -47,6 +47,7 @@ class TokenOptions:
     weight_decay: float = 0.05
     ratio_weight: float = 2.0
     distill_weight: float = 0.5
+    finetune_epochs: int = 0              # not in the paper: plain fine-tuning on the top-k tokens after the stage
 
     def frozen_epochs(self) -> int:
         if self.freeze_epochs is not None:
@@ -57,8 +58,8 @@ class TokenOptions:
         check_keep_ratio(self.keep_ratio)
         if self.order not in ORDERS:
             raise CompressError(f"--token-order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.epochs < 0:
-            raise CompressError(f"--token-epochs must be ≥ 0, got {self.epochs}")
+        if self.epochs < 0 or self.finetune_epochs < 0:
+            raise CompressError("--token-epochs and --token-finetune-epochs must be ≥ 0")
         if self.lr <= 0 or self.backbone_lr_mult < 0 or self.weight_decay < 0:
             raise CompressError("--token-lr must be > 0, --token-backbone-lr-mult and the weight decay ≥ 0")
         if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= self.epochs:
@@ -83,6 +84,10 @@ TOKEN_FLAGS = (
     ("--token-ratio-weight", "ratio_weight", float, "weight of the keep-ratio loss  [default: 2.0]"),
     ("--token-distill-weight", "distill_weight", float, "weight of the logit and token distillation from the dense "
      "parent  [default: 0.5]"),
+    ("--token-finetune-epochs", "finetune_epochs", int, "after the DynamicViT stage, epochs of plain fine-tuning (SGD "
+     "at --lr) of the backbone on the tokens the frozen predictors keep at inference (top-k); not in the paper: it "
+     "trains the backbone on inference's token sets instead of the stage's sampled ones (docs/tokens.md)  "
+     "[default: 0]"),
 )
 
 
@@ -203,12 +208,18 @@ def check_model(net: nn.Module, options: TokenOptions) -> None:
 
 
 def train_tokens(module: nn.Module, teacher: nn.Module, data, options: TokenOptions, seed: int, batch_size: int,
-                 checkpoint=None) -> dict:
-    """Give `module`'s ViT prediction modules (unless it has them) and run the DynamicViT stage; its record.
+                 checkpoint=None, lr: float = 0.05, weight_decay: float = 5e-4) -> dict:
+    """Give `module`'s ViT prediction modules (unless it has them) and run the DynamicViT stage, then the
+    optional plain fine-tuning on the top-k tokens (`options.finetune_epochs`, SGD at `lr`); its record.
+
+    Why the fine-tuning: the stage trains the backbone on token sets *sampled* from the predictors' keep
+    probabilities, inference keeps the top-k. Until the predictors are confident (the paper's 30 ImageNet
+    epochs) the two sets differ — the top-k ones hold more of the object and less of its surroundings —
+    and a backbone that never saw the top-k sets can do worse on them than on random ones (docs/tokens.md).
 
     `teacher` is the dense parent (a deployable module); `checkpoint` (compress.checkpoint.Checkpoint)
-    makes the stage resumable like every stage of the loop."""
-    from compress.loop import run_stage
+    makes both stages resumable like every stage of the loop."""
+    from compress.loop import Fit, run_stage
     from compress.runtime import current
     from compress.tokens.model import sparsify
 
@@ -216,7 +227,13 @@ def train_tokens(module: nn.Module, teacher: nn.Module, data, options: TokenOpti
         module.net = sparsify(module.net, options.keep_ratio, options.stages)
         current().place(module)
     stage = DynamicViTStage(teacher, options, seed=seed)
-    return run_stage(module, data, stage, batch_size=batch_size, seed=seed, checkpoint=checkpoint).as_dict()
+    record = run_stage(module, data, stage, batch_size=batch_size, seed=seed, checkpoint=checkpoint).as_dict()
+    if options.finetune_epochs:
+        fit = Fit("token-fine-tune", options.finetune_epochs, lr, weight_decay)
+        with frozen_predictors(module):
+            record["fine-tune"] = run_stage(module, data, fit, batch_size=batch_size, seed=seed,
+                                            checkpoint=checkpoint).as_dict()
+    return record
 
 
 @contextlib.contextmanager
