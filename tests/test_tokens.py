@@ -325,10 +325,9 @@ def test_kept_patch_picture_matches_the_kept_indices(tmp_path):
 # ------------------------------------------------------------------ the training stage (shared loop)
 
 
-def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
+def _dense_and_token_sparse() -> tuple:
+    """Synthetic data, a dense 3-block ViT (deployable) and a token-sparse copy of it at ρ 0.7."""
     from compress.data import load_data
-    from compress.loop import run_stage
-    from compress.tokens.training import DynamicViTStage, TokenOptions
 
     bundle = load_data("synthetic:80", image_size=16)
     net = VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
@@ -336,6 +335,14 @@ def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
     dense = DeployableModule(net, bundle.mean, bundle.std, input_size=(3, 16, 16))
     module = copy.deepcopy(dense)
     module.net = sparsify(module.net, 0.7)
+    return bundle, dense, module
+
+
+def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
+    from compress.loop import run_stage
+    from compress.tokens.training import DynamicViTStage, TokenOptions
+
+    bundle, dense, module = _dense_and_token_sparse()
     start = copy.deepcopy(module.state_dict())
     options = TokenOptions(epochs=2, freeze_epochs=1, lr=1e-2)
 
@@ -356,15 +363,9 @@ def test_dynamicvit_stage_trains_predictors_then_the_backbone_as_the_paper():
 
 
 def test_token_fine_tuning_trains_the_backbone_on_the_top_k_tokens_with_the_predictors_frozen():
-    from compress.data import load_data
     from compress.tokens.training import TokenOptions, train_tokens
 
-    bundle = load_data("synthetic:80", image_size=16)
-    net = VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
-                            num_classes=10)
-    dense = DeployableModule(net, bundle.mean, bundle.std, input_size=(3, 16, 16))
-    module = copy.deepcopy(dense)
-    module.net = sparsify(module.net, 0.7)
+    bundle, dense, module = _dense_and_token_sparse()
     start = copy.deepcopy(module.state_dict())
     gathered = []
     module.net.register_forward_hook(lambda m, i, o: gathered.append(m.training and not m.sparse_training))
