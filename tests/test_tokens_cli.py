@@ -97,7 +97,10 @@ def test_token_study_writes_its_table_picture_and_reuses_its_runs(study):
     text = docs.read_text()
     assert text.startswith("# hand-written intro") and "| tokens |" in text and "| both-before |" in text
     assert (docs.parent / "tokens" / "patches.png").is_file()
-    assert json.loads((docs.parent / "tokens" / "results.json").read_text())["records"][0]["arm"] == "tokens"
+    record = json.loads((docs.parent / "tokens" / "results.json").read_text())["records"][0]
+    assert record["arm"] == "tokens" and "| tokens | 0 | " in text and "| top-k | random | bottom-k |" in text
+    sets = record["selection"]                # token sets on the whole (small) validation split: top-k = the run's
+    assert sets["top_k"] == pytest.approx(record["accuracy"]) and 0 <= sets["object_top_k"] <= 1
     assert all(r["reused"] for r in run_token_study(cfg)["records"])
     res = _cli("token-study", "--from", cfg.source, "--data", "digits", "--subset", 160, "--seeds", "0,1",
                "--token-epochs", 1, "--both-finetune-epochs", 1, "--both-token-epochs", 1, "--batch-size", 64,
