@@ -275,7 +275,8 @@ def _setup(c: dict[str, Any], d: dict[str, Any], both: bool) -> str:
              + f"; channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs'] + tune} "
              "fine-tuning epochs"
              + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} fine-tuning + "
-                f"{c['both_token_epochs']} DynamicViT epochs" if both else "") + "."]
+                f"{c['both_token_epochs']} DynamicViT epochs" + (f" + {tune} on the top-k tokens" if tune else "")
+                if both else "") + "."]
     return " ".join(parts)
 
 
