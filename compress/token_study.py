@@ -45,7 +45,7 @@ class TokenStudyConfig:
     token_epochs: int = 3
     ratio_weight: float = 2.0              # DynamicViT's keep-ratio loss weight (the reference's for DeiT)
     token_finetune_epochs: int = 0         # plain fine-tuning on the top-k tokens after the DynamicViT stage
-    finetune_epochs: int | None = None     # channels arm; None: token_epochs
+    finetune_epochs: int | None = None     # channels arm; None: the tokens arm's epochs (channel_epochs)
     both_keep: float = 0.85
     both_seeds: tuple[int, ...] = (0,)       # the two combined arms cost the most: fewer seeds by default
     both_finetune_epochs: int = 1
@@ -84,12 +84,19 @@ def _arm_kwargs(cfg: TokenStudyConfig, arm: str, ratio: float | None) -> dict[st
                                        finetune_epochs=cfg.token_finetune_epochs)}
     common = {"method": "depgraph", "flops_ratio": round(ratio, 4), "round_to": 1, "lr": cfg.lr}
     if arm == "channels":
-        epochs = cfg.token_epochs + cfg.token_finetune_epochs if cfg.finetune_epochs is None else cfg.finetune_epochs
-        return {**common, "finetune_epochs": epochs}
+        return {**common, "finetune_epochs": channel_epochs(asdict(cfg))}
     order = arm.removeprefix("both-")
     return {**common, "finetune_epochs": cfg.both_finetune_epochs,
             "tokens": TokenOptions(keep_ratio=cfg.both_keep, epochs=cfg.both_token_epochs, order=order,
                                    ratio_weight=cfg.ratio_weight, finetune_epochs=cfg.token_finetune_epochs)}
+
+
+def channel_epochs(config: dict[str, Any]) -> int:
+    """The channels arm's fine-tuning epochs: --finetune-epochs, else the tokens arm's whole training budget
+    (DynamicViT + top-k fine-tuning epochs). `config`: a TokenStudyConfig as a dict (results.json's too)."""
+    if config["finetune_epochs"] is not None:
+        return config["finetune_epochs"]
+    return config["token_epochs"] + config.get("token_finetune_epochs", 0)
 
 
 def run_token_study(cfg: TokenStudyConfig) -> dict[str, Any]:
@@ -272,7 +279,7 @@ def _setup(c: dict[str, Any], d: dict[str, Any], both: bool) -> str:
              + (f" (both-*: {', '.join(map(str, c['both_seeds']))})" if both else "") + ".",
              f"tokens: ρ={c['keep']}, {c['token_epochs']} DynamicViT epochs (keep-ratio loss weight "
              f"{c.get('ratio_weight', 2.0)})" + (f" + {tune} fine-tuning epochs on the top-k tokens" if tune else "")
-             + f"; channels: depgraph at the tokens' FLOPs ratio, {c['finetune_epochs'] or c['token_epochs'] + tune} "
+             + f"; channels: depgraph at the tokens' FLOPs ratio, {channel_epochs(c)} "
              "fine-tuning epochs"
              + (f"; both: ρ={c['both_keep']} + depgraph to the same ratio, {c['both_finetune_epochs']} fine-tuning + "
                 f"{c['both_token_epochs']} DynamicViT epochs" + (f" + {tune} on the top-k tokens" if tune else "")

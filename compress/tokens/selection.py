@@ -3,7 +3,7 @@ predictors' top-k sets, against random sets and the bottom-k sets of the same si
 DynamicViT stage samples while training; plus how much of each kind of set is object rather than background.
 
 Why: the stage trains the backbone on token sets *sampled* from the predictors' keep probabilities, and
-inference keeps the *top-k*. While the predictors are unsure (keep probabilities spread over 0.6–0.9, as
+inference keeps the *top-k*. While the predictors are unsure (keep probabilities of about 0.6–0.85, as
 after a few epochs on a small dataset) the two kinds of sets differ, and accuracy on the top-k sets can fall
 below accuracy on random ones — a backbone-side mismatch that more predictor training or
 `--token-finetune-epochs` fixes, not a ranking the predictors failed to learn (bottom-k then scores far
@@ -33,35 +33,35 @@ def selection_report(module: nn.Module, images: torch.Tensor, labels: torch.Tens
     generator = torch.Generator().manual_seed(seed)
     was_training = module.training
     module.eval()
-    out = {}
+    objects = _object_patches(images, net)
+    out = {"object_all": float(objects.mean())}
     try:
         for name, rescore in (("top_k", None), ("random", _random_scores(generator)), ("bottom_k", _negated)):
             with _rescored(net, rescore):
-                hits, objects = _run(module, images, labels, batch_size, _top_k)
+                hits, share = _run(module, images, labels, objects, batch_size, _top_k)
             out[name] = hits
             if name == "top_k":
-                out["object_top_k"] = objects
+                out["object_top_k"] = share
         with _sampling(net, generator):
-            out["sampled"], out["object_sampled"] = _run(module, images, labels, batch_size, _sampled)
+            out["sampled"], out["object_sampled"] = _run(module, images, labels, objects, batch_size, _sampled)
     finally:
         module.train(was_training)
-    out["object_all"] = float(_object_patches(images, net).mean())
     return out
 
 
-def _run(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+def _run(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor, batch_size: int,
          forward: Callable) -> tuple[float, float]:
-    """Accuracy and the object share of the last stage's kept patches over `images`, in batches."""
-    net = _sparse(module)
+    """Accuracy and the object share of the last stage's kept patches over `images`, in batches
+    (`objects`: the images' [B, N] object-patch map)."""
     device = next(module.parameters()).device
-    hits = objects = kept = 0.0
+    hits = on_object = kept = 0.0
     for start in range(0, len(images), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        logits, last = forward(module, x.to(device))
-        hits += float((logits.argmax(1).cpu() == y).sum())
-        objects += float((_object_patches(x, net) * last).sum())
+        end = start + batch_size
+        logits, last = forward(module, images[start:end].to(device))
+        hits += float((logits.argmax(1).cpu() == labels[start:end]).sum())
+        on_object += float((objects[start:end] * last).sum())
         kept += float(last.sum())
-    return hits / len(images), objects / max(kept, 1.0)
+    return hits / len(images), on_object / max(kept, 1.0)
 
 
 def _top_k(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
