@@ -280,6 +280,9 @@ def export_cmd(run_dir: str, **kwargs) -> None:
 @click.option("--only-done", is_flag=True, help="Train nothing: write the results from the runs already made and "
               "list the cells that are not (e.g. after several `compress study --methods …` processes shared --work).")
 @click.option("--fresh", is_flag=True, help="Redo every run even if one with the same settings exists.")
+@click.option("--jobs", type=int, help="Worker processes that make the cells side by side, the torch threads "
+              "split between them (on a CPU, N one-thread processes beat one N-thread process on these small "
+              "models)  [default: 1]")
 @runtime_options
 @handle_errors
 def study(**kw) -> None:
@@ -303,7 +306,7 @@ def study(**kw) -> None:
                     methods=tuple(m for m in kw["methods"].split(",") if m.strip()) if kw["methods"] else None,
                     scope=kw["scope"], round_to=kw["round_to"], work=kw["work"], docs=kw["docs"], name=kw["name"],
                     latency=False if kw["no_latency"] else None, fresh=kw["fresh"] or None,
-                    only_done=kw["only_done"] or None)
+                    only_done=kw["only_done"] or None, jobs=kw["jobs"])
     results = run_study(config)
     if current().is_main:
         click.echo(f"wrote {config.docs}/{config.name}.md, .json and .png "

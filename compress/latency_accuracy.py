@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from compress.study import reuse_or_run
+from compress.runs import reuse_or_run
 
 
 @dataclass

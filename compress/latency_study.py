@@ -36,7 +36,7 @@ from rich.console import Console
 from compress.errors import CompressError
 from compress.files import write_atomic, write_generated_block
 from compress.latency_accuracy import AccuracySettings, accuracy_md, accuracy_rows
-from compress.study import reuse_or_run
+from compress.runs import reuse_or_run
 
 BUDGET_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny")
 CAPACITY_MODELS = BUDGET_MODELS + ("resnet18", "densenet121", "mobilenet_v3_small")

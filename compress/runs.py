@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,37 @@ class Stopwatch:
 
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+
+KEY_FILE = "study.json"   # in each run the study made: the settings it was made with
+
+
+class NotRun(Exception):
+    """A run `--only-done` leaves out: it was not made (or not with these settings)."""
+
+
+def reuse_or_run(out: Path, key: dict[str, Any], run: Callable[[], dict[str, Any]], *, fresh: bool = False,
+                 marker: str = KEY_FILE, only_done: bool = False) -> tuple[dict[str, Any], bool]:
+    """`out`'s report if it is a run made with the same `key` (recorded in `out/marker`), else `run()`'s,
+    its key recorded: a repeated study redoes only what changed (an interrupted run resumes from its
+    checkpoint when `run` passes resume="auto"). Returns (report, reused). Only rank 0 writes.
+    `only_done`: raise NotRun instead of running (a report of what several partial runs, or processes
+    that ran the cells side by side, have made)."""
+    from compress.runtime import current
+
+    if not fresh and is_run(out) and read_key(out, marker) == key:
+        return read_report(out), True
+    if only_done:
+        raise NotRun(str(out))
+    report = run()
+    if current().is_main:
+        (out / marker).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    current().barrier()
+    return report, False
+
+
+def read_key(run: Path, marker: str = KEY_FILE) -> dict | None:
+    try:
+        return json.loads((run / marker).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

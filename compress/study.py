@@ -10,19 +10,18 @@ the list re-runs only that method; methods that are not registered are reported 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
 from compress.progress import console
+from compress.runs import NotRun, read_key, reuse_or_run
 from compress.study_report import write_results
 
 # Every method gets the same training after the dense parent: 2 epochs of search or sparse training (VPNs: 1
@@ -35,7 +34,6 @@ PRETRAINED_METHODS = ("l1", "depgraph:iterative-steps=4", "depgraph:iterative-st
                       "vpns", "vpns:prompt=none", "vpns:score-epochs=0",
                       "pass", "pass:prompt=none", "pass:hypernet-epochs=0",
                       "dessilbi:lbi-epochs=2", "l1:sparse-reg=l1:sparse-train-epochs=2")
-KEY_FILE = "study.json"   # in each run the study made: the settings it was made with
 # Recorded in every run's key: 2 since `--prompt pad` is the reference's full-resolution frame (older "pad"
 # runs used the shrinking prompt, now resize-pad, and must not be reused).
 KEY_VERSION = 2
@@ -66,6 +64,7 @@ class StudyConfig:
     latency_s: float = 0.5              # measured seconds per model (interleaved, thread CPU time)
     fresh: bool = False
     only_done: bool = False             # train nothing: report the runs already made, list the others
+    jobs: int = 1                       # worker processes for the cells (compress.study_jobs)
     name: str = "results"               # docs/<name>.md, .json, .png
     title: str = "Results: structured pruning on Fashion-MNIST"
 
@@ -80,6 +79,8 @@ class StudyConfig:
             raise CompressError("--seeds needs at least one seed")
         if not self.methods:
             raise CompressError("--methods needs at least one method")
+        if self.jobs < 1:
+            raise CompressError(f"--jobs must be ≥ 1, got {self.jobs}")
 
 
 # `compress study --preset NAME`: whole studies by name (explicit flags override their fields).
@@ -184,20 +185,13 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         dense = _dense_parent(config, dense_dir)
     except NotRun:
         raise CompressError(f"--only-done: no dense parent under {dense_dir} was made with these settings") from None
-    jobs = [(s, r, seed) for s in present for r in config.ratios for seed in config.seeds]
-    records, not_run = [], []
-    for i, (spec, ratio, seed) in enumerate(jobs, 1):
-        console.rule(f"[bold]study {i}/{len(jobs)}: {spec.label} · flops ratio {ratio:g} · seed {seed}")
-        try:
-            records.append(_prune(config, spec, ratio, seed, dense_dir, work))
-        except NotRun:
-            not_run.append(f"{spec.label} @ {ratio:g} seed {seed}")
-            console.print("  not run (--only-done)")
-            continue
-        r = records[-1]
-        took = "reused" if r["reused"] else f"{r['wall_time_s']:.0f} s"
-        console.print(f"  acc {r['accuracy']:.4f} (before fine-tune {r['accuracy_before_finetune']:.4f})  "
-                      f"flops ratio {r['flops_ratio']:.3f}  {took}")
+    cells = [(s, r, seed) for s in present for r in config.ratios for seed in config.seeds]
+    made, workers_cpu_s = set(), 0.0
+    if config.jobs > 1 and not config.only_done:
+        from compress.study_jobs import run_cells
+
+        made, workers_cpu_s = run_cells(config, cells, dense_dir, work)
+    records, not_run = _records(config, cells, dense_dir, work, made)
 
     from compress.runtime import current
 
@@ -214,12 +208,36 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                  "cpus": os.cpu_count(), "torch_threads": _torch_threads(), "device": _device_name(rt),
                  "loadavg_start": load_start, "loadavg_end": _loadavg()},
         "study_wall_s": round(time.perf_counter() - started, 1),
-        "study_cpu_s": round(time.process_time() - cpu_started, 1),
+        "study_cpu_s": round(time.process_time() - cpu_started + workers_cpu_s, 1),
         "runs_done": sum(not r["reused"] for r in records), "runs_reused": sum(r["reused"] for r in records),
     }
     if rt.is_main:
         write_results(results, Path(config.docs))
     return results
+
+
+def _records(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Path,
+             made: set[str]) -> tuple[list[dict], list[str]]:
+    """Every cell's record, made here one after another — or, after `--jobs` workers made them (`made`: the
+    run directories they trained), read back; plus the cells not made (`--only-done`)."""
+    read_back = config.jobs > 1 and not config.only_done
+    records, not_run = [], []
+    for i, (spec, ratio, seed) in enumerate(cells, 1):
+        if not read_back:
+            console.rule(f"[bold]study {i}/{len(cells)}: {spec.label} · flops ratio {ratio:g} · seed {seed}")
+        try:
+            r = _prune(replace(config, only_done=True) if read_back else config, spec, ratio, seed, dense_dir, work)
+        except NotRun:
+            not_run.append(f"{spec.label} @ {ratio:g} seed {seed}")
+            console.print("  not run (--only-done)")
+            continue
+        r["reused"] = r["reused"] and r["run"] not in made
+        records.append(r)
+        if not read_back:
+            took = "reused" if r["reused"] else f"{r['wall_time_s']:.0f} s"
+            console.print(f"  acc {r['accuracy']:.4f} (before fine-tune {r['accuracy_before_finetune']:.4f})  "
+                          f"flops ratio {r['flops_ratio']:.3f}  {took}")
+    return records, not_run
 
 
 def _dense_parent(config: StudyConfig, out: Path) -> dict[str, Any]:
@@ -247,7 +265,7 @@ def _prune(config: StudyConfig, spec: MethodSpec, ratio: float, seed: int, dense
     from compress.pipeline import prune_run
 
     out = work / spec.slug / f"r{ratio:g}" / f"s{seed}"
-    key = {"source": str(dense_dir), "dense": _read_key(dense_dir), "method": spec.name, "options": spec.options,
+    key = {"source": str(dense_dir), "dense": read_key(dense_dir), "method": spec.name, "options": spec.options,
            "ratio": ratio, "seed": seed, "finetune_epochs": config.finetune_epochs, "lr": config.finetune_lr,
            "batch_size": config.batch_size, "subset": config.subset, "scope": config.scope,
            "round_to": config.round_to, "key_version": KEY_VERSION, **({"stage": spec.stage} if spec.stage else {})}
@@ -304,38 +322,6 @@ def _measure_latency(config: StudyConfig, dense_dir: Path, records: list[dict]) 
                     progress=progress)
     by_label = {t.label: str(t.path) for t in run.targets}
     return {by_label[r.target]: round(r.summary.median_ms, 4) for r in run.results}
-
-
-class NotRun(Exception):
-    """A run `--only-done` leaves out: it was not made (or not with these settings)."""
-
-
-def reuse_or_run(out: Path, key: dict[str, Any], run: Callable[[], dict[str, Any]], *, fresh: bool = False,
-                 marker: str = KEY_FILE, only_done: bool = False) -> tuple[dict[str, Any], bool]:
-    """`out`'s report if it is a run made with the same `key` (recorded in `out/marker`), else `run()`'s,
-    its key recorded: a repeated study redoes only what changed (an interrupted run resumes from its
-    checkpoint when `run` passes resume="auto"). Returns (report, reused). Only rank 0 writes.
-    `only_done`: raise NotRun instead of running (a report of what several partial runs, or processes
-    that ran the cells side by side, have made)."""
-    from compress.runs import is_run, read_report
-    from compress.runtime import current
-
-    if not fresh and is_run(out) and _read_key(out, marker) == key:
-        return read_report(out), True
-    if only_done:
-        raise NotRun(str(out))
-    report = run()
-    if current().is_main:
-        (out / marker).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-    current().barrier()
-    return report, False
-
-
-def _read_key(run: Path, marker: str = KEY_FILE) -> dict | None:
-    try:
-        return json.loads((run / marker).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _loadavg() -> list[float] | None:

@@ -82,3 +82,26 @@ def test_study_command_takes_a_preset_and_overrides(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "d" / "mine.md").is_file() and (tmp_path / "d" / "mine.json").is_file()
     assert "| l1 | 0.5 |" in (tmp_path / "d" / "mine.md").read_text()
+
+
+def test_study_jobs_make_each_cell_once_in_worker_processes(tmp_path):
+    docs = tmp_path / "docs"
+    config = StudyConfig(data="synthetic:120", subset=100, dense_epochs=1, finetune_epochs=0, ratios=(0.5, 0.3),
+                         seeds=(0,), methods=("l1", "random"), work=str(tmp_path / "work"), docs=str(docs),
+                         latency=False, jobs=2)
+    made = run_study(config)
+    assert made["runs_done"] == 4 and made["runs_reused"] == 0 and made["not_run"] == []
+    assert "cells made by 2 worker processes × " in (docs / "results.md").read_text()
+    # the one-process study finds every cell made with its own settings
+    again = run_study(replace(config, jobs=1))
+    assert again["runs_reused"] == 4
+    assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in made["records"]]
+
+    # a cell that fails in a worker does not stop the others; the study then exits with one error naming it
+    failing = replace(config, methods=("l1", f"pass:hypernet-from={tmp_path / 'missing'}"), seeds=(0, 1))
+    with pytest.raises(CompressError, match=r"4 of 8 study cells failed \(pass:hypernet-from=\S+ @ 0\.\d seed \d: "
+                       r"--hypernet-from \S+ is not a directory"):
+        run_study(failing)
+    assert (tmp_path / "work" / "l1" / "r0.3" / "s1" / "report.json").is_file()
+    with pytest.raises(CompressError, match="--jobs must be ≥ 1"):
+        run_study(replace(config, jobs=0))
