@@ -31,6 +31,8 @@ def run_cells(config, cells: list[tuple], dense_dir, work) -> tuple[set[str], fl
     rt = current()
     if rt.distributed:
         raise CompressError("--jobs runs its own worker processes; it does not combine with torchrun")
+    if not cells:
+        return set(), 0.0
     jobs = min(config.jobs, len(cells))
     threads = max(1, torch.get_num_threads() // jobs)
     settings = {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
