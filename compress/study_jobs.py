@@ -14,15 +14,19 @@ import multiprocessing
 import queue as queue_module
 import resource
 import signal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from compress.errors import CompressError
 from compress.progress import console
 
+if TYPE_CHECKING:
+    from compress.study import StudyConfig
 
-def run_cells(config, cells: list[tuple], dense_dir, work) -> tuple[set[str], float]:
+
+def run_cells(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Path) -> tuple[set[str], float]:
     """Make `cells` ((MethodSpec, ratio, seed) each) in `config.jobs` worker processes sharing the cores;
     returns (the run directories made, the workers' CPU seconds). A cell that fails does not stop the
     others; the failures are raised together at the end as one error."""
@@ -84,7 +88,8 @@ def run_cells(config, cells: list[tuple], dense_dir, work) -> tuple[set[str], fl
     return made, _children_cpu_s() - cpu_before
 
 
-def _worker(index: int, config, settings: dict[str, Any], threads: int, todo, events, dense_dir, work) -> None:
+def _worker(index: int, config: StudyConfig, settings: dict[str, Any], threads: int, todo, events, dense_dir: Path,
+            work: Path) -> None:
     """One worker: cells from `todo` until its None, each reported on `events`; quiet otherwise (the
     parent prints one line per cell, so N workers' epoch lines do not interleave)."""
     from compress.checkpoint import Interrupted, raise_on_sigterm
