@@ -187,12 +187,12 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     except NotRun:
         raise CompressError(f"--only-done: no dense parent under {dense_dir} was made with these settings") from None
     cells = [(s, r, seed) for s in present for r in config.ratios for seed in config.seeds]
-    made, workers_cpu_s = set(), 0.0
+    in_workers = None
     if config.jobs > 1 and not config.only_done:
         from compress.study_jobs import run_cells
 
-        made, workers_cpu_s = run_cells(config, cells, dense_dir, work)
-    records, not_run = _records(config, cells, dense_dir, work, made)
+        in_workers = run_cells(config, cells, dense_dir, work)
+    records, not_run = _records(config, cells, dense_dir, work, in_workers and in_workers.made)
 
     from compress.runtime import current
 
@@ -207,9 +207,10 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         "summary": summarize(records, specs, config.ratios, dense),
         "host": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count(), "torch_threads": _torch_threads(), "device": _device_name(rt),
-                 "loadavg_start": load_start, "loadavg_end": _loadavg()},
+                 "loadavg_start": load_start, "loadavg_end": _loadavg(),
+                 **({"workers": in_workers.workers, "worker_threads": in_workers.threads} if in_workers else {})},
         "study_wall_s": round(time.perf_counter() - started, 1),
-        "study_cpu_s": round(time.process_time() - cpu_started + workers_cpu_s, 1),
+        "study_cpu_s": round(time.process_time() - cpu_started + (in_workers.cpu_s if in_workers else 0.0), 1),
         "runs_done": sum(not r["reused"] for r in records), "runs_reused": sum(r["reused"] for r in records),
     }
     if rt.is_main:
@@ -218,27 +219,32 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
 
 
 def _records(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Path,
-             made: set[str]) -> tuple[list[dict], list[str]]:
-    """Every cell's record, made here one after another — or, after `--jobs` workers made them (`made`: the
+             made: set[str] | None) -> tuple[list[dict], list[str]]:
+    """Every cell's record, made here one after another — or, when `--jobs` workers made them (`made`: the
     run directories they trained), read back; plus the cells not made (`--only-done`)."""
-    read_back = config.jobs > 1 and not config.only_done
+    read_back = made is not None
+    lookup = replace(config, only_done=True) if read_back else config
     records, not_run = [], []
     for i, (spec, ratio, seed) in enumerate(cells, 1):
         if not read_back:
             console.rule(f"[bold]study {i}/{len(cells)}: {spec.label} · flops ratio {ratio:g} · seed {seed}")
         try:
-            r = _prune(replace(config, only_done=True) if read_back else config, spec, ratio, seed, dense_dir, work)
+            r = _prune(lookup, spec, ratio, seed, dense_dir, work)
         except NotRun:
             not_run.append(f"{spec.label} @ {ratio:g} seed {seed}")
             console.print("  not run (--only-done)")
             continue
-        r["reused"] = r["reused"] and r["run"] not in made
+        r["reused"] = r["reused"] and r["run"] not in (made or ())
         records.append(r)
         if not read_back:
-            took = "reused" if r["reused"] else f"{r['wall_time_s']:.0f} s"
             console.print(f"  acc {r['accuracy']:.4f} (before fine-tune {r['accuracy_before_finetune']:.4f})  "
-                          f"flops ratio {r['flops_ratio']:.3f}  {took}")
+                          f"flops ratio {r['flops_ratio']:.3f}  {took(r)}")
     return records, not_run
+
+
+def took(record: dict[str, Any]) -> str:
+    """A cell's time for the progress line: its wall time, or that it was reused."""
+    return "reused" if record["reused"] else f"{record['wall_time_s']:.0f} s"
 
 
 def _dense_parent(config: StudyConfig, out: Path) -> dict[str, Any]:

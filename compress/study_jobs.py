@@ -15,7 +15,7 @@ import queue as queue_module
 import resource
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -26,17 +26,24 @@ if TYPE_CHECKING:
     from compress.study import StudyConfig
 
 
-def run_cells(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Path) -> tuple[set[str], float]:
-    """Make `cells` ((MethodSpec, ratio, seed) each) in `config.jobs` worker processes sharing the cores;
-    returns (the run directories made, the workers' CPU seconds). A cell that fails does not stop the
-    others; the failures are raised together at the end as one error."""
+class CellsRun(NamedTuple):
+    made: set[str]          # the run directories the workers trained (not those they found made)
+    cpu_s: float            # the workers' CPU seconds
+    workers: int
+    threads: int            # torch threads per worker
+
+
+def run_cells(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Path) -> CellsRun:
+    """Make `cells` ((MethodSpec, ratio, seed) each) in up to `config.jobs` worker processes sharing the
+    cores. A cell that fails does not stop the others; the failures are raised together at the end as
+    one error."""
     from compress.runtime import current
 
     rt = current()
     if rt.distributed:
         raise CompressError("--jobs runs its own worker processes; it does not combine with torchrun")
     if not cells:
-        return set(), 0.0
+        return CellsRun(set(), 0.0, 0, 0)
     jobs = min(config.jobs, len(cells))
     threads = max(1, torch.get_num_threads() // jobs)
     settings = {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
@@ -85,7 +92,7 @@ def run_cells(config: StudyConfig, cells: list[tuple], dense_dir: Path, work: Pa
         raise CompressError(f"{len(failed)} of {len(cells)} study cells failed ({'; '.join(failed) or 'none'})"
                             + (f"; {', '.join(crashed)} exited abnormally" if crashed else "")
                             + " — the cells made are kept and reused by the next run")
-    return made, _children_cpu_s() - cpu_before
+    return CellsRun(made, _children_cpu_s() - cpu_before, jobs, threads)
 
 
 def _worker(index: int, config: StudyConfig, settings: dict[str, Any], threads: int, todo, events, dense_dir: Path,
@@ -95,7 +102,7 @@ def _worker(index: int, config: StudyConfig, settings: dict[str, Any], threads: 
     from compress.checkpoint import Interrupted, raise_on_sigterm
     from compress.progress import quiet
     from compress.runtime import configure
-    from compress.study import _prune
+    from compress.study import _prune, took
 
     raise_on_sigterm()
     torch.set_num_threads(threads)
@@ -116,9 +123,8 @@ def _worker(index: int, config: StudyConfig, settings: dict[str, Any], threads: 
             except Exception as exc:  # noqa: BLE001 - a bug in one cell: report it, keep the others going
                 events.put(("failed", index, label, f"{type(exc).__name__}: {exc}"))
                 continue
-            took = "reused" if r["reused"] else f"{r['wall_time_s']:.0f} s"
             events.put(("made", index, label, {"run": r["run"], "accuracy": r["accuracy"], "reused": r["reused"],
-                                               "flops_ratio": r["flops_ratio"], "took": took}))
+                                               "flops_ratio": r["flops_ratio"], "took": took(r)}))
     except KeyboardInterrupt:       # Ctrl-C reaches every worker; the interrupted run keeps its checkpoint
         raise SystemExit(130) from None
 

@@ -75,7 +75,7 @@ def markdown_table(results: dict[str, Any], plot_name: str) -> str:
         "",
         f"Study wall time {results['study_wall_s']:.0f} s ({results['runs_done']} runs done, "
         f"{results['runs_reused']} reused), process CPU time {results['study_cpu_s']:.0f} s; "
-        f"{host['cpus']} CPUs, {_threads(results['config'].get('jobs', 1), host['torch_threads'])}, "
+        f"{host['cpus']} CPUs, {_threads(host)}, "
         + (f"training on {host['device']}, " if host.get("device") else "") + f"load average {load[0]} at start and "
         f"{load[1]} at the end (a load above the CPU count inflates the wall times).",
     ]
@@ -86,10 +86,10 @@ def markdown_table(results: dict[str, Any], plot_name: str) -> str:
     return "\n".join(lines)
 
 
-def _threads(jobs: int, threads: int) -> str:
-    if jobs == 1:
-        return f"{threads} torch threads"
-    return f"cells made by {jobs} worker processes × {max(1, threads // jobs)} torch threads"
+def _threads(host: dict[str, Any]) -> str:
+    if not host.get("workers"):
+        return f"{host['torch_threads']} torch threads"
+    return f"cells made by {host['workers']} worker processes × {host['worker_threads']} torch threads"
 
 
 def _fmt(value: float | None, fmt: str) -> str:
